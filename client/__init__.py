@@ -1,0 +1,1 @@
+"""The Flower ClientApp of fedsparse (loaded from the app directory, never installed)."""

@@ -1,0 +1,110 @@
+"""`fedsparse run` (a simulation on Ray), `fedsparse report` (compare finished runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+
+from fedsparse.config import ConfigError, parse_assignments, resolve
+from fedsparse.simulation import APP_DIR
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    path = APP_DIR / "simulations" / "presets" / f"{name}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in (APP_DIR / "simulations" / "presets").glob("*.toml"))
+        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(known)}")
+    return path
+
+
+def build_config(preset: str | None, assignments: list[str], out: str | None, resume: str | None) -> dict:
+    """Preset, then --set pairs, then --out; with --resume, the saved config of that run."""
+    if resume:
+        saved = Path(resume) / "config.json"
+        if not saved.exists():
+            raise ConfigError(f"--resume {resume}: no config.json there, nothing to resume")
+        return resolve({**json.loads(saved.read_text()), "output-dir": str(Path(resume).resolve()), "resume": True})
+    overrides: dict = {}
+    if preset:
+        overrides.update(tomllib.loads(preset_path(preset).read_text()))
+    overrides.update(parse_assignments(assignments))
+    if out:
+        overrides["output-dir"] = out
+    cfg = resolve(overrides)
+    cfg["output-dir"] = str(Path(cfg["output-dir"]).resolve())
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsparse.data import DatasetNotFound, load_dataset
+    from fedsparse.simulation import simulate
+
+    try:
+        cfg = build_config(args.preset, args.set or [], args.out, args.resume)
+        load_dataset(cfg["dataset"], cfg["data-root"])  # a missing dataset fails here, before Ray starts
+    except (ConfigError, DatasetNotFound) as err:
+        print(f"fedsparse: {err}", file=sys.stderr)
+        return 2
+    print(f"[fedsparse] {cfg['strategy']} on {cfg['dataset']}/{cfg['model']}, {cfg['num-clients']} clients, "
+          f"{cfg['num-rounds']} rounds -> {cfg['output-dir']}", file=sys.stderr, flush=True)
+    try:
+        simulate(cfg, ray_cpus=args.ray_cpus)
+    except Exception as err:  # Flower wraps the ServerApp's exception; show its cause
+        cause = err.__cause__ or err
+        print(f"fedsparse: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
+    summary_path = Path(cfg["output-dir"]) / "summary.json"
+    if not summary_path.exists():
+        print("fedsparse: run ended without a summary.json: it failed (see the log above)", file=sys.stderr)
+        return 1
+    s = json.loads(summary_path.read_text())
+    print(f"[fedsparse] final accuracy {100 * s['final_accuracy']:.2f}%  best {100 * s['best_accuracy']:.2f}%  "
+          f"MB down {s['bytes_down'] / 1e6:.2f}  MB up {s['bytes_up'] / 1e6:.2f}  "
+          f"ratio vs dense {s['bytes_ratio_vs_dense']:.1f}x  -> {cfg['output-dir']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsparse.results import report
+
+    try:
+        print(report([Path(d) for d in args.dirs], Path(args.plot) if args.plot else None))
+    except FileNotFoundError as err:
+        print(f"fedsparse: {err}", file=sys.stderr)
+        return 2
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedsparse").addHandler(handler)
+    logging.getLogger("fedsparse").propagate = False
+    parser = argparse.ArgumentParser(prog="fedsparse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated simulation on Ray")
+    run.add_argument("--preset", help="a TOML run config in simulations/presets (name or path)")
+    run.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override run-config keys")
+    run.add_argument("--out", help="output directory (sets output-dir)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run whose results are in DIR")
+    run.add_argument("--ray-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="compare finished runs")
+    rep.add_argument("dirs", nargs="+")
+    rep.add_argument("--plot", help="write a comparison plot (PNG) here")
+    rep.set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""What a client does for each message action, as plain functions over records.
+
+`HANDLERS` maps a Flower message type ("train", "evaluate", "query.<name>") to a handler
+`(content, state, cfg, partition_id) -> RecordDict`. The ClientApp in `client/` only looks the handler up; a new
+strategy that needs a new client action registers one here with `@handler("query.<name>")`.
+
+`state` is the node's Context.state: it keeps the installed mask between rounds (in deployment every message is
+a fresh process, so nothing else survives).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedsparse import sparse, transport
+from fedsparse.data import client_split, load_dataset
+from fedsparse.models import build_model, maskable_names
+from fedsparse.train import TrainConfig, evaluate, pick_device, saliency_scores, train_local
+
+Handler = Callable[[RecordDict, RecordDict, dict, int], RecordDict]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(message_type: str) -> Callable[[Handler], Handler]:
+    def wrap(fn: Handler) -> Handler:
+        HANDLERS[message_type] = fn
+        return fn
+
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@lru_cache(maxsize=2)
+def _template(model: str, dataset: str, data_root: str, layers: str) -> tuple[torch.nn.Module, sparse.Layout]:
+    ds = load_dataset(dataset, data_root)
+    net = build_model(model, ds.input_shape, ds.num_classes, seed=0)
+    return net, sparse.Layout.of(net.state_dict(), maskable_names(net, tuple(layers.split(","))))
+
+
+def model_and_layout(cfg: dict) -> tuple[torch.nn.Module, sparse.Layout]:
+    """A model of the run's architecture (weights to be overwritten) and its mask layout, cached per process."""
+    return _template(cfg["model"], cfg["dataset"], cfg["data-root"], cfg["mask-layers"])
+
+
+def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    ds = load_dataset(cfg["dataset"], cfg["data-root"])
+    train_idx, val_idx = client_split(cfg, partition_id)
+    idx = train_idx if split == "train" else val_idx
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def installed_masks(state: RecordDict, layout: sparse.Layout) -> tuple[sparse.Masks, str] | None:
+    if "mask" not in state:
+        return None
+    bits = state["mask"]["bits"].numpy()
+    return sparse.unpack_mask(bits, layout), str(state["mask-info"]["fingerprint"])
+
+
+def _masks_for(content: RecordDict, state: RecordDict, layout: sparse.Layout) -> tuple[sparse.Masks | None, str]:
+    """The mask the server says this payload uses; it must be the one installed here."""
+    wanted = str(content["config"].get("mask-fingerprint", sparse.NO_MASK))
+    if wanted == sparse.NO_MASK:
+        return None, wanted
+    installed = installed_masks(state, layout)
+    if installed is None or installed[1] != wanted:
+        have = installed[1] if installed else "none"
+        raise RuntimeError(f"server sent values for mask {wanted}, this client has mask {have}")
+    return installed[0], wanted
+
+
+def _load(content: RecordDict, state: RecordDict, cfg: dict) -> tuple[torch.nn.Module, sparse.Layout,
+                                                                        sparse.Masks | None, str]:
+    net, layout = model_and_layout(cfg)
+    masks, fp = _masks_for(content, state, layout)
+    dtype = str(content["config"].get("value-dtype", "float32"))
+    values, dense = transport.read_payload(content["arrays"], layout, masks, dtype)
+    net.load_state_dict(sparse.scatter(values, dense, layout, masks))
+    return net, layout, masks, fp
+
+
+def _seed(cfg: dict, server_round: int, partition_id: int) -> int:
+    return (cfg["seed"] * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+
+@handler("query.info")
+def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """Who am I: lets the server map its random node ids to partitions, so sampling is reproducible."""
+    x, _ = local_data(cfg, partition_id)
+    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(x)})})
+
+
+@handler("train")
+def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    net, layout, masks, fp = _load(content, state, cfg)
+    conf = content["config"]
+    x, y = local_data(cfg, partition_id)
+    tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
+                     cfg["weight-decay"], cfg["grad-clip"])
+    loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
+                       device=pick_device(cfg["device"]))
+    values, dense = sparse.gather({k: v.cpu() for k, v in net.state_dict().items()}, layout, masks)
+    dtype = str(conf.get("value-dtype", "float32"))
+    reply = RecordDict({
+        "arrays": transport.make_payload(values, dense, dtype),
+        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id}),
+        "config": ConfigRecord({"mask-fingerprint": fp}),
+    })
+    if cfg["client-fault"] != "none" and cfg["fault-partition"] == partition_id:
+        corrupt_reply(reply, cfg["client-fault"])
+    return reply
+
+
+@handler("evaluate")
+def evaluate_local(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    net, *_ = _load(content, state, cfg)
+    x, y = local_data(cfg, partition_id, "val")
+    loss, acc = evaluate(net, x, y, device=pick_device(cfg["device"]))
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": acc})})
+
+
+@handler("query.saliency")
+def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """SSFL step 1: |w * dL/dw| at the shared initialisation, on this client's own data."""
+    net, layout, _, _ = _load(content, state, cfg)
+    x, y = local_data(cfg, partition_id)
+    scores = saliency_scores(net, x, y, list(layout.maskable), batch_size=cfg["batch-size"],
+                             batches=cfg["saliency-batches"], seed=_seed(cfg, 0, partition_id),
+                             device=pick_device(cfg["device"]))
+    flat = torch.cat([scores[k].reshape(-1) for k in layout.maskable])
+    return RecordDict({
+        "scores": ArrayRecord({"saliency": Array(flat.numpy().astype(np.float32))}),
+        "metrics": MetricRecord({"num-examples": len(x), "partition-id": partition_id}),
+    })
+
+
+@handler("query.install_mask")
+def install_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """Keep the server's mask; answer with the fingerprint computed here, so the server can check it arrived."""
+    _, layout = model_and_layout(cfg)
+    bits = content["mask"]["bits"].numpy()
+    sparse.unpack_mask(bits, layout)  # checks the size
+    fp = sparse.fingerprint(bits)
+    if fp != str(content["config"]["fingerprint"]):
+        raise RuntimeError(f"mask arrived damaged: fingerprint {fp}, server says {content['config']['fingerprint']}")
+    state["mask"] = ArrayRecord({"bits": Array(bits)})
+    state["mask-info"] = ConfigRecord({"fingerprint": fp})
+    return RecordDict({"config": ConfigRecord({"fingerprint": fp}),
+                       "metrics": MetricRecord({"partition-id": partition_id})})
+
+
+# ------------------------------------------------------------------------------------- test-only faults
+
+
+def corrupt_reply(reply: RecordDict, fault: str) -> None:
+    """Break a train reply the way a buggy or malicious client would (used by tests, never by default)."""
+    arrays = reply["arrays"]
+    values = arrays["values"].numpy()
+    if fault == "wrong-length":
+        arrays["values"] = Array(np.concatenate([values, values[:1]]))
+    elif fault == "wrong-dtype":
+        arrays["values"] = Array(values.astype(np.float64))
+    elif fault == "nan":
+        bad = values.astype(np.float32).copy()
+        bad[0] = np.nan
+        arrays["values"] = Array(bad.astype(values.dtype) if values.dtype != np.uint16 else
+                                 np.full_like(values, 0x7FC0))
+    elif fault == "missing-key":
+        del arrays["values"]
+    elif fault == "stale-fingerprint":
+        reply["config"] = ConfigRecord({"mask-fingerprint": "0000000000000000"})

@@ -1,0 +1,285 @@
+"""Datasets by name, found on disk in a fixed order, and split across clients with flwr-datasets partitioners.
+
+Lookup order for the files: an explicit `data_root`, `$FEDSPARSE_DATA`, `../shared/data` beside the checkout,
+Debian's `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`), then torchvision's download for users who
+have internet. `digits` ships inside scikit-learn and never touches the disk or the network.
+
+Images come back as float32 arrays shaped (N, C, H, W) in [0, 1] with int64 labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The dataset's files are nowhere we looked, and downloading failed."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str  # where the files came from, recorded in config.json
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def search_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched, in order (the download target is the first writable of these or ~/.cache)."""
+    roots = []
+    if data_root:
+        roots.append(Path(data_root))
+    if os.environ.get("FEDSPARSE_DATA"):
+        roots.append(Path(os.environ["FEDSPARSE_DATA"]))
+    roots.append(REPO_ROOT.parent / "shared" / "data")
+    roots.append(Path.cwd().parent / "shared" / "data")
+    seen, unique = set(), []
+    for r in roots:
+        key = str(r.resolve()) if r.exists() else str(r)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip'ed or not) as a uint8 array: 2 zero bytes, type code, ndim, big-endian dims, data."""
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(candidates: list[Path], names: list[str]) -> Path | None:
+    """First folder among `candidates` that holds every file in `names` (gzip'ed or not)."""
+    for folder in candidates:
+        if all((folder / n).exists() or (folder / (n + ".gz")).exists() for n in names):
+            return folder
+    return None
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    return folder / (name + ".gz") if (folder / (name + ".gz")).exists() else folder / name
+
+
+def _images(x: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
+    x = x.astype(np.float32) / 255.0
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2).copy()
+
+
+def _not_found(name: str, roots: list[Path], extra: str) -> DatasetNotFound:
+    looked = "\n  ".join(str(r) for r in roots)
+    return DatasetNotFound(
+        f"dataset '{name}' not found. Looked in:\n  {looked}\n{extra}\n"
+        "Set FEDSPARSE_DATA (or the run-config key data-root) to a folder that holds it."
+    )
+
+
+def _mnist_like(name: str, subdirs: list[str], roots: list[Path], extra_dirs: list[Path]) -> Dataset:
+    train_files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    test_files = ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    candidates = [r / s for r in roots for s in subdirs] + extra_dirs
+    folder = _find(candidates, train_files + test_files)
+    if folder is not None:
+        x, y, xt, yt = (read_idx(_idx_file(folder, f)) for f in train_files + test_files)
+        return Dataset(name, _images(x), y.astype(np.int64), _images(xt), yt.astype(np.int64), 10, str(folder))
+    return _torchvision(name, roots)
+
+
+def _torchvision(name: str, roots: list[Path]) -> Dataset:
+    """The user's path with internet: torchvision downloads into the first root (or ~/.cache/fedsparse)."""
+    import torchvision
+
+    cls = {
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "mnist": torchvision.datasets.MNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "cifar100": torchvision.datasets.CIFAR100,
+    }[name]
+    explicit = [r for r in roots if "shared" not in r.parts]  # data-root or $FEDSPARSE_DATA, if given
+    target = explicit[0] if explicit else Path.home() / ".cache" / "fedsparse"
+    try:
+        train = cls(str(target), train=True, download=True)
+        test = cls(str(target), train=False, download=True)
+    except Exception as err:  # no network, a proxy, a half-written file: all end here
+        raise _not_found(name, roots, f"torchvision download into {target} failed too: {err}") from err
+    x, xt = np.asarray(train.data), np.asarray(test.data)
+    y, yt = np.asarray(train.targets), np.asarray(test.targets)
+    classes = 100 if name == "cifar100" else 10
+    return Dataset(name, _images(x), y.astype(np.int64), _images(xt), yt.astype(np.int64), classes, str(target))
+
+
+def _read_cifar_zip(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    with zipfile.ZipFile(path) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        x = np.stack([np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB")) for n in names])
+    y = np.array([CIFAR10_CLASSES.index(n.split("/")[0]) for n in names], dtype=np.int64)
+    return x, y
+
+
+def _cifar10(roots: list[Path]) -> Dataset:
+    for r in roots:
+        folder = r / "cifar10_jpeg"
+        train, test = folder / "cifar10_train_first1000perclass_jpeg.zip", folder / "cifar10_test_jpeg.zip"
+        if train.exists() and test.exists():
+            x, y = _read_cifar_zip(train)
+            xt, yt = _read_cifar_zip(test)
+            log.warning("cifar10: using the JPEG subset in %s (10k train images), not the full set", folder)
+            return Dataset("cifar10", _images(x), y, _images(xt), yt, 10, str(folder))
+    return _torchvision("cifar10", roots)
+
+
+def _usps(roots: list[Path]) -> Dataset:
+    for r in roots:
+        path = r / "usps" / "usps.h5"
+        if path.exists():
+            import h5py
+
+            with h5py.File(path, "r") as h:
+                x = h["train/data"][:].reshape(-1, 1, 16, 16).astype(np.float32)
+                y = h["train/target"][:].astype(np.int64)
+                xt = h["test/data"][:].reshape(-1, 1, 16, 16).astype(np.float32)
+                yt = h["test/target"][:].astype(np.int64)
+            return Dataset("usps", x, y, xt, yt, 10, str(path))
+    raise _not_found("usps", roots, "USPS has no torchvision download; put usps/usps.h5 (the ESL zip data) there.")
+
+
+def _mnist(roots: list[Path]) -> Dataset:
+    try:
+        return _mnist_like("mnist", ["mnist", "MNIST/raw"], roots, [])
+    except DatasetNotFound:
+        # ../shared/data has the MNIST test set only: split it rather than fail, and say so loudly.
+        folder = _find([r / "mnist" for r in roots], ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+        if folder is None:
+            raise
+        x = _images(read_idx(_idx_file(folder, "t10k-images-idx3-ubyte")))
+        y = read_idx(_idx_file(folder, "t10k-labels-idx1-ubyte")).astype(np.int64)
+        log.warning("mnist: only the test set is in %s; using its first 8000 images to train, the rest to test",
+                    folder)
+        return Dataset("mnist", x[:8000], y[:8000], x[8000:], y[8000:], 10, f"{folder} (test set split 8000/2000)")
+
+
+def _digits() -> Dataset:
+    """scikit-learn's 8x8 digits, upsampled to 16x16 like USPS; a fixed stratified 80/20 split."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32))[:, None]
+    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).numpy()
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test[idx[: len(idx) // 5]] = True
+    return Dataset("digits", x[~test], y[~test], x[test], y[test], 10, "sklearn.datasets.load_digits")
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, data_root: str = "") -> Dataset:
+    """Load a dataset by name (cached per process: Ray actors keep it between rounds)."""
+    roots = search_roots(data_root or None)
+    if name == "digits":
+        return _digits()
+    if name == "fashion-mnist":
+        return _mnist_like("fashion-mnist", ["fashion_mnist", "fashion-mnist", "FashionMNIST/raw"], roots,
+                           [DEBIAN_FASHION])
+    if name == "mnist":
+        return _mnist(roots)
+    if name == "usps":
+        return _usps(roots)
+    if name == "cifar10":
+        return _cifar10(roots)
+    if name == "cifar100":
+        return _torchvision("cifar100", roots)
+    raise ValueError(f"unknown dataset '{name}'")
+
+
+# ---------------------------------------------------------------------------------------------- partitions
+
+
+def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3, classes_per_client: int = 2,
+                     shards_per_client: int = 2):
+    """A flwr-datasets partitioner over the column `label`."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
+
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if kind == "dirichlet":
+        return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
+                                    min_partition_size=2, self_balancing=True, seed=seed)
+    if kind == "pathological":
+        return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                       num_classes_per_partition=classes_per_client, seed=seed)
+    if kind == "shard":
+        return ShardPartitioner(num_partitions=num_clients, partition_by="label",
+                                num_shards_per_partition=shards_per_client, seed=seed)
+    raise ValueError(f"unknown partitioner '{kind}'")
+
+
+@lru_cache(maxsize=8)
+def partition_indices(labels_key: tuple, kind: str, num_clients: int, seed: int, alpha: float,
+                      classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
+    """Training-set indices of every client. `labels_key` is (dataset name, data root, train-subset)."""
+    from datasets import Dataset as HFDataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    name, root, subset = labels_key
+    labels = load_dataset(name, root).y_train
+    if subset:
+        labels = labels[:subset]
+    table = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    part = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+    part.dataset = table
+    return tuple(np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients))
+
+
+def client_split(cfg: dict, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) of one client, deterministic for the seed."""
+    parts = partition_indices((cfg["dataset"], cfg["data-root"], cfg["train-subset"]), cfg["partitioner"],
+                              cfg["num-clients"], cfg["seed"], cfg["dirichlet-alpha"], cfg["classes-per-client"],
+                              cfg["shards-per-client"])
+    idx = parts[partition_id]
+    rng = np.random.default_rng([cfg["seed"], partition_id])
+    idx = rng.permutation(idx)
+    n_val = int(round(len(idx) * cfg["val-fraction"])) if len(idx) > 1 else 0
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+
+
+def label_histograms(cfg: dict) -> np.ndarray:
+    """(num-clients, num-classes) label counts of the clients' training data, for reports and tests."""
+    ds = load_dataset(cfg["dataset"], cfg["data-root"])
+    return np.stack([np.bincount(ds.y_train[client_split(cfg, i)[0]], minlength=ds.num_classes)
+                     for i in range(cfg["num-clients"])])

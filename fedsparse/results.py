@@ -1,0 +1,126 @@
+"""Results of a run: `config.json`, `rounds.csv`, `summary.json` and `curves.png` in the output folder, and
+`report()` which compares several runs in one table and one plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+ROUND_COLUMNS = ["round", "test_loss", "test_accuracy", "train_loss", "bytes_down", "bytes_up",
+                 "logical_down", "logical_up", "clients", "rejected", "seconds"]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_rounds(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROUND_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row[k] for k in ROUND_COLUMNS})
+    tmp.replace(path)
+
+
+def read_rounds(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
+    accs = [r["test_accuracy"] for r in rows]
+    return {
+        "strategy": cfg["strategy"], "dataset": cfg["dataset"], "model": cfg["model"],
+        "rounds": len(rows),
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "final_loss": rows[-1]["test_loss"] if rows else None,
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "logical_down": sum(r["logical_down"] for r in rows),
+        "logical_up": sum(r["logical_up"] for r in rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        **extra,
+    }
+
+
+def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path, title: str = "") -> None:
+    """Accuracy against round and against cumulative megabytes (both directions, one-off costs included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        rounds = [r["round"] for r in rows]
+        acc = [100 * r["test_accuracy"] for r in rows]
+        total, mb = oneoff.get(label, 0.0), []
+        for r in rows:
+            total += r["bytes_down"] + r["bytes_up"]
+            mb.append(total / 1e6)
+        ax1.plot(rounds, acc, marker=".", label=label)
+        ax2.plot(mb, acc, marker=".", label=label)
+    ax1.set_xlabel("round")
+    ax2.set_xlabel("cumulative MB on the wire (down + up)")
+    ax2.set_xscale("log")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_run(folder: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((folder / "summary.json").read_text())
+    return summary, read_rounds(folder / "rounds.csv")
+
+
+def run_label(summary: dict, folder: Path) -> str:
+    label = summary["strategy"]
+    if summary.get("density", 1.0) < 1.0:
+        label += f" d={summary['density']:.2f}"
+    if summary.get("value_dtype", "float32") != "float32":
+        label += f" {summary['value_dtype']}"
+    return f"{label} ({folder.name})"
+
+
+def comparison_table(folders: list[Path]) -> str:
+    """A markdown table of several finished runs."""
+    lines = ["| run | strategy | density | dtype | rounds | final acc | best acc | MB down | MB up | MB one-off "
+             "| ratio vs dense |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for folder in folders:
+        s, _ = load_run(folder)
+        lines.append(
+            f"| {folder.name} | {s['strategy']} | {s.get('density', 1.0):.2f} | {s.get('value_dtype', 'float32')} "
+            f"| {s['rounds']} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} "
+            f"| {s['bytes_down'] / 1e6:.2f} | {s['bytes_up'] / 1e6:.2f} | {s.get('bytes_oneoff', 0) / 1e6:.2f} "
+            f"| {s.get('bytes_ratio_vs_dense', 1.0):.1f}x |")
+    return "\n".join(lines)
+
+
+def report(folders: list[Path], plot_path: Path | None = None) -> str:
+    """Print-ready comparison of runs; with `plot_path`, also one plot of all of them."""
+    folders = [Path(f) for f in folders]
+    missing = [str(f) for f in folders if not (f / "summary.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no summary.json in: {', '.join(missing)} (did the run finish?)")
+    if plot_path is not None:
+        runs, oneoff = {}, {}
+        for folder in folders:
+            s, rows = load_run(folder)
+            label = run_label(s, folder)
+            runs[label], oneoff[label] = rows, s.get("bytes_oneoff", 0)
+        plot_runs(runs, oneoff, plot_path)
+    return comparison_table(folders)

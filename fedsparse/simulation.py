@@ -1,0 +1,71 @@
+"""Run the ServerApp and ClientApp of this repository through Flower's simulation engine on Ray, in-process.
+
+`flwr run .` is the other way in; both load the same apps. This path exists because it propagates errors as
+exceptions (so `fedsparse run` can exit non-zero) and takes a complete run config without a SuperLink.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the checkout: holds server/, client/ and pyproject.toml
+
+
+def check_resources(cfg: dict) -> None:
+    """Fail before Ray starts when the machine cannot give what the config asks for."""
+    if cfg["client-num-gpus"] > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"client-num-gpus={cfg['client-num-gpus']} but torch sees no CUDA GPU here; "
+                               "set client-num-gpus=0")
+    if cfg["client-num-cpus"] > (os.cpu_count() or 1):
+        raise RuntimeError(f"client-num-cpus={cfg['client-num-cpus']} but this machine has {os.cpu_count()} CPUs")
+
+
+def load_apps(app_dir: Path = APP_DIR) -> tuple[Any, Any]:
+    if not (app_dir / "server" / "server_app.py").exists():
+        raise FileNotFoundError(f"{app_dir} holds no server/server_app.py: pass the fedsparse checkout as app dir")
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    server = importlib.import_module("server.server_app").app
+    client = importlib.import_module("client.client_app").app
+    return server, client
+
+
+def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None) -> None:
+    """Run one simulation with `cfg` (already resolved) on a local Ray cluster; raises if the run fails."""
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Flower's public run_simulation() cannot take a run config (context.run_config is empty there); its
+    # internal _run_simulation() takes a Run, whose override_config reaches every ClientApp (fused with
+    # pyproject.toml's defaults, read from app_dir when is_app=True).
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    check_resources(cfg)
+    server_app, client_app = load_apps(app_dir)
+    run = Run.create_empty(run_id=abs(hash((cfg["seed"], cfg["output-dir"]))) % (2**63))
+    run.override_config = dict(cfg)
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
+    backend_config = {
+        "client_resources": {"num_cpus": cfg["client-num-cpus"], "num_gpus": cfg["client-num-gpus"]},
+        "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": "error"},
+    }
+    _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app,
+                    server_app=server_app, backend_config=backend_config, server_app_context=context,
+                    app_dir=str(app_dir), run=run, is_app=True)
+

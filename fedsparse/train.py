@@ -1,0 +1,122 @@
+"""Local training and evaluation on in-memory tensors, with optional fixed sparsity masks.
+
+With masks, pruned weights stay exactly zero: their gradients are zeroed before the optimiser step (so momentum
+never builds up there), and the weights are multiplied by the mask after it (so weight decay, or any
+optimiser that moves a weight with zero gradient, cannot revive them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA GPU here")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every pruned weight in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+
+
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    masks: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> float:
+    """Train `model` in place with SGD; returns the mean training loss. Deterministic for `seed` on CPU."""
+    device = device or torch.device("cpu")
+    model.to(device).train()
+    masks = {k: m.to(device=device, dtype=torch.float32) for k, m in (masks or {}).items()}
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    apply_masks(model, masks)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            xb, yb = xt[idx].to(device), yt[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            for name, mask in masks.items():
+                params[name].grad.mul_(mask)
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            apply_masks(model, masks)
+            total += loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000,
+             device: torch.device | None = None) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of `model` on (x, y)."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[start:start + batch_size]).to(device)
+        yb = torch.from_numpy(y[start:start + batch_size]).to(device)
+        out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
+
+
+def saliency_scores(model: nn.Module, x: np.ndarray, y: np.ndarray, names: list[str], *, batch_size: int,
+                    batches: int, seed: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """SNIP-style saliency |w * dL/dw| at the model's current weights, averaged over `batches` shuffled
+    minibatches (one by default, as in SSFL), for the tensors in `names`."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    scores = {n: torch.zeros_like(params[n]) for n in names}
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    used = 0
+    for b in range(batches):
+        idx = order[(b * batch_size) % len(x):][:batch_size]
+        if len(idx) == 0:
+            break
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(xt[idx].to(device)), yt[idx].to(device)).backward()
+        for n in names:
+            scores[n] += (params[n].detach() * params[n].grad).abs()
+        used += 1
+    model.zero_grad(set_to_none=True)
+    return {n: (s / max(used, 1)).cpu() for n, s in scores.items()}

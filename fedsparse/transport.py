@@ -1,0 +1,96 @@
+"""The model payload on the wire, shared by every strategy, and the byte accounting.
+
+A payload is an ArrayRecord with two 1-D arrays: `values` (the masked weights in mask order) and `dense` (every
+tensor that is not masked, concatenated). Dense FedAvg is the same payload with no mask: everything is `dense`.
+Both arrays travel as `value-dtype`; bfloat16 travels as its raw 16-bit words (uint16), because np.save, which
+Flower's Array uses, cannot write bfloat16.
+
+`read_payload` checks a client's reply before anything is aggregated and raises ReplyError with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedsparse.sparse import Layout, Masks, num_values
+
+WIRE_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
+VALUE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+PAYLOAD_KEYS = ("values", "dense")
+
+
+class ReplyError(ValueError):
+    """A client reply that must not be aggregated; the message says why."""
+
+
+def to_wire(x: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """A float tensor as the numpy array that travels."""
+    x = x.detach().cpu().float().reshape(-1)
+    if value_dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return x.numpy().astype(WIRE_DTYPES[value_dtype])
+
+
+def from_wire(a: np.ndarray, value_dtype: str) -> torch.Tensor:
+    """Inverse of `to_wire` (float32 tensor)."""
+    if value_dtype == "bfloat16":
+        return torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(a.astype(np.float32))
+
+
+def make_payload(values: torch.Tensor, dense: torch.Tensor, value_dtype: str) -> ArrayRecord:
+    return ArrayRecord({"values": Array(to_wire(values, value_dtype)), "dense": Array(to_wire(dense, value_dtype))})
+
+
+def read_payload(rec: ArrayRecord, layout: Layout, masks: Masks | None,
+                 value_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, dense) float32 tensors from a payload, after checking keys, dtype, length and finiteness."""
+    missing = [k for k in PAYLOAD_KEYS if k not in rec]
+    if missing:
+        raise ReplyError(f"payload lacks {', '.join(missing)}")
+    extra = [k for k in rec if k not in PAYLOAD_KEYS]
+    if extra:
+        raise ReplyError(f"payload has unexpected arrays {', '.join(extra)}")
+    n_values, n_dense = num_values(layout, masks)
+    out = []
+    for key, expected in (("values", n_values), ("dense", n_dense)):
+        arr = rec[key]
+        if arr.dtype != str(WIRE_DTYPES[value_dtype]):
+            raise ReplyError(f"'{key}' has dtype {arr.dtype}, expected {WIRE_DTYPES[value_dtype]} ({value_dtype})")
+        if tuple(arr.shape) != (expected,):
+            raise ReplyError(f"'{key}' has shape {tuple(arr.shape)}, expected ({expected},)")
+        try:
+            t = from_wire(arr.numpy(), value_dtype)
+        except Exception as err:  # a garbled npy buffer
+            raise ReplyError(f"'{key}' cannot be decoded: {err}") from err
+        if t.numel() != expected:
+            raise ReplyError(f"'{key}' holds {t.numel()} values, expected {expected}")
+        if not bool(torch.isfinite(t).all()):
+            raise ReplyError(f"'{key}' contains NaN or Inf")
+        out.append(t)
+    return out[0], out[1]
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Serialized payload bytes of a message's content: Flower's count_bytes() of each record."""
+    return sum(rec.count_bytes() for rec in content.values())
+
+
+def logical_payload_bytes(layout: Layout, masks: Masks | None, value_dtype: str) -> int:
+    """Values x bytes per value, without any header."""
+    return sum(num_values(layout, masks)) * VALUE_BYTES[value_dtype]
+
+
+def npy_header_bytes(n: int, dtype: np.dtype) -> int:
+    """Bytes np.save spends on the header of a 1-D array of n elements (a multiple of 64; usually 128)."""
+    return len(Array(np.zeros(n, dtype=dtype)).data) - n * np.dtype(dtype).itemsize
+
+
+def payload_bytes_formula(layout: Layout, masks: Masks | None, value_dtype: str) -> int:
+    """Serialized size of one payload: per array its npy header, its data and its key (what count_bytes adds)."""
+    n_values, n_dense = num_values(layout, masks)
+    dt = WIRE_DTYPES[value_dtype]
+    return sum(npy_header_bytes(n, dt) + n * dt.itemsize + len(key)
+               for key, n in (("values", n_values), ("dense", n_dense)))

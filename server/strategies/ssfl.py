@@ -1,0 +1,56 @@
+"""SSFL: clients score |w * dL/dw| at the shared initialisation; the server averages the scores into one global
+top-k mask, fixed for the run (Ohib et al., "SSFL: Discovering Sparse Unified Subnetworks at Initialization")."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Message, RecordDict
+
+from fedsparse import sparse, transport
+from server.strategies.base import Channel, ReplyError, sample_partitions, weighted_mean
+from server.strategies.masked import MaskedFedAvg
+
+
+class SSFL(MaskedFedAvg):
+    name = "ssfl"
+
+    def make_mask(self, channel: Channel, nodes: dict[int, int], state: sparse.State) -> sparse.Masks:
+        cfg = self.cfg
+        asked = sample_partitions(cfg["num-clients"], cfg["saliency-fraction"], cfg["seed"], 0)
+        _, dense = sparse.gather(state, self.layout, None)
+        content = RecordDict({"arrays": transport.make_payload(torch.zeros(0), dense, "float32"),
+                              "config": self.train_config(0)})
+        msgs = [Message(content, dst_node_id=nodes[p], message_type="query.saliency") for p in asked if p in nodes]
+        replies = channel.send(msgs, logical_down=transport.logical_payload_bytes(self.layout, None, "float32"))
+        scores = []
+        for r in replies:
+            try:
+                scores.append(self.read_scores(r))
+            except ReplyError as err:
+                channel.fail(r.metadata.src_node_id, f"rejected saliency: {err}", "query.saliency")
+        channel.traffic.logical_up += 4 * self.layout.num_maskable * len(scores)
+        if not scores:
+            raise RuntimeError("no client returned valid saliency scores; cannot build the SSFL mask")
+        scores.sort(key=lambda s: s[0])
+        if cfg["saliency-aggregation"] == "mean":
+            mean = weighted_mean([(1.0, s) for _, _, s in scores])
+        else:
+            mean = weighted_mean([(float(n), s) for _, n, s in scores])
+        per_tensor = sparse.split_flat(mean, self.layout, self.layout.maskable)
+        return sparse.topk_mask(per_tensor, self.target_density, cfg["mask-scope"])
+
+    def read_scores(self, reply: Message) -> tuple[int, int, torch.Tensor]:
+        content = reply.content
+        if "scores" not in content or "saliency" not in content["scores"]:
+            raise ReplyError("reply lacks scores")
+        arr = content["scores"]["saliency"]
+        if arr.dtype != "float32" or tuple(arr.shape) != (self.layout.num_maskable,):
+            raise ReplyError(f"scores must be float32 of shape ({self.layout.num_maskable},), got "
+                             f"{arr.dtype} {tuple(arr.shape)}")
+        s = torch.from_numpy(arr.numpy().copy())
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ReplyError("scores must be finite and non-negative")
+        n = content["metrics"].get("num-examples", 0)
+        if not isinstance(n, int) or n <= 0:
+            raise ReplyError(f"num-examples must be a positive integer, got {n!r}")
+        return int(content["metrics"].get("partition-id", -1)), n, s
