@@ -43,12 +43,12 @@ def build_config(preset: str | None, assignments: list[str], out: str | None, re
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsparse.data import DatasetNotFound, load_dataset
-    from fedsparse.simulation import simulate
+    from fedsparse.data import DatasetNotFound
+    from fedsparse.simulation import preflight, simulate
 
     try:
         cfg = build_config(args.preset, args.set or [], args.out, args.resume)
-        load_dataset(cfg["dataset"], cfg["data-root"])  # a missing dataset fails here, before Ray starts
+        preflight(cfg)
     except (ConfigError, DatasetNotFound) as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return 2
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{cfg['num-rounds']} rounds -> {cfg['output-dir']}", file=sys.stderr, flush=True)
     try:
         simulate(cfg, ray_cpus=args.ray_cpus)
-    except Exception as err:  # Flower wraps the ServerApp's exception; show its cause
+    except Exception as err:  # noqa: BLE001  (Flower re-raises whatever the ServerApp raised: report any)
         cause = err.__cause__ or err
         print(f"fedsparse: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1

@@ -10,8 +10,8 @@ a fresh process, so nothing else survives).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch

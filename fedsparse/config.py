@@ -7,8 +7,9 @@ training starts with a `ConfigError` that names the offending key and what it al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 STRATEGIES = ("fedavg", "ssfl", "random", "magnitude", "topk")
 DATASETS = ("fashion-mnist", "mnist", "usps", "cifar10", "cifar100", "digits")

@@ -66,7 +66,11 @@ def search_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzip'ed or not) as a uint8 array: 2 zero bytes, type code, ndim, big-endian dims, data."""
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -274,7 +278,7 @@ def client_split(cfg: dict, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     idx = parts[partition_id]
     rng = np.random.default_rng([cfg["seed"], partition_id])
     idx = rng.permutation(idx)
-    n_val = int(round(len(idx) * cfg["val-fraction"])) if len(idx) > 1 else 0
+    n_val = round(len(idx) * cfg["val-fraction"]) if len(idx) > 1 else 0
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 

@@ -97,8 +97,8 @@ def run_label(summary: dict, folder: Path) -> str:
 
 def comparison_table(folders: list[Path]) -> str:
     """A markdown table of several finished runs."""
-    lines = ["| run | strategy | density | dtype | rounds | final acc | best acc | MB down | MB up | MB one-off "
-             "| ratio vs dense |",
+    lines = [("| run | strategy | density | dtype | rounds | final acc | best acc | MB down | MB up | MB one-off "
+              "| ratio vs dense |"),
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for folder in folders:
         s, _ = load_run(folder)

@@ -21,10 +21,34 @@ def check_resources(cfg: dict) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise RuntimeError(f"client-num-gpus={cfg['client-num-gpus']} but torch sees no CUDA GPU here; "
+            raise RuntimeError(f"config key 'client-num-gpus': {cfg['client-num-gpus']} GPUs asked for, but torch sees no CUDA GPU here; "
                                "set client-num-gpus=0")
     if cfg["client-num-cpus"] > (os.cpu_count() or 1):
-        raise RuntimeError(f"client-num-cpus={cfg['client-num-cpus']} but this machine has {os.cpu_count()} CPUs")
+        raise RuntimeError(f"config key 'client-num-cpus': {cfg['client-num-cpus']} asked for, but this machine has {os.cpu_count()} CPUs")
+
+
+def preflight(cfg: dict) -> None:
+    """Everything that can fail before Ray starts: the dataset is found, the model builds, a mask of the asked
+    density is possible, the resources exist. Raises ConfigError / DatasetNotFound / RuntimeError."""
+    from fedsparse.config import ConfigError
+    from fedsparse.data import load_dataset
+    from fedsparse.models import build_model, maskable_names
+    from fedsparse.sparse import Layout, MaskError, check_density
+
+    ds = load_dataset(cfg["dataset"], cfg["data-root"])
+    if cfg["num-clients"] > len(ds.y_train[: cfg["train-subset"] or None]) // 2:
+        raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {len(ds.y_train)} examples")
+    model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
+    if cfg["strategy"] in ("ssfl", "random", "magnitude"):
+        layout = Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["mask-layers"].split(","))))
+        try:
+            check_density(layout, 1.0 - cfg["sparsity"], cfg["mask-scope"])
+        except MaskError as err:
+            raise ConfigError(f"config key 'sparsity': {err}") from err
+    try:
+        check_resources(cfg)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from err
 
 
 def load_apps(app_dir: Path = APP_DIR) -> tuple[Any, Any]:

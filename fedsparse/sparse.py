@@ -33,7 +33,7 @@ class Layout:
     shapes: dict[str, tuple[int, ...]]
 
     @classmethod
-    def of(cls, state: State, maskable: list[str]) -> "Layout":
+    def of(cls, state: State, maskable: list[str]) -> Layout:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         return cls(tuple(maskable), tuple(k for k in state if k not in maskable), shapes)
 
@@ -72,7 +72,7 @@ def topk_mask(scores: dict[str, torch.Tensor], density: float, scope: str = "glo
         masks = {k: topk_mask({k: s}, density)[k] for k, s in scores.items()}
     else:
         flat = flatten(scores, names).numpy()
-        k = int(round(density * flat.size))
+        k = round(density * flat.size)
         keep = np.zeros(flat.size, dtype=bool)
         keep[np.argsort(-flat, kind="stable")[:k]] = True
         layout = Layout(names, (), {n: tuple(s.shape) for n, s in scores.items()})
@@ -82,6 +82,17 @@ def topk_mask(scores: dict[str, torch.Tensor], density: float, scope: str = "glo
         raise MaskError(f"density {density:g} leaves no weight in {', '.join(empty)}; lower the sparsity "
                         "or use mask-scope=layerwise")
     return masks
+
+
+def check_density(layout: Layout, density: float, scope: str) -> None:
+    """Fail early when no mask of this density can keep a weight in every maskable tensor."""
+    if scope == "layerwise":
+        empty = [k for k in layout.maskable if round(density * layout.numel((k,))) < 1]
+    else:
+        empty = list(layout.maskable) if round(density * layout.num_maskable) < len(layout.maskable) else []
+    if empty:
+        raise MaskError(f"density {density:g} cannot keep a weight in every maskable tensor (e.g. {empty[0]}); "
+                        "lower the sparsity")
 
 
 def random_mask(shapes: dict[str, tuple[int, ...]], density: float, seed: int, scope: str = "global") -> Masks:

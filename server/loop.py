@@ -131,6 +131,7 @@ def run_federation(grid, run_config: dict) -> dict:
         "bytes_ratio_vs_dense_with_oneoff": sum(r["dense_equivalent"] for r in rows)
         / max(sent + oneoff.down + oneoff.up, 1),
         "failures": channel.failures,
+        "client_mask_fingerprints": {str(k): v for k, v in getattr(strategy, "client_fingerprints", {}).items()},
     })
     results.write_json(out / "summary.json", summary)
     results.plot_runs({cfg["strategy"]: rows}, {cfg["strategy"]: summary["bytes_oneoff"]}, out / "curves.png",

@@ -164,6 +164,6 @@ class FedAvg:
 
 def sample_partitions(num_clients: int, fraction: float, seed: int, server_round: int) -> list[int]:
     """Partition ids trained in a round: seeded by (seed, round), so a resumed run samples the same ones."""
-    k = max(1, int(round(fraction * num_clients)))
+    k = max(1, round(fraction * num_clients))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))

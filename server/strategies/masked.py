@@ -16,7 +16,9 @@ from server.strategies.base import Channel, FedAvg, log
 class MaskedFedAvg(FedAvg):
     def __init__(self, cfg: dict, layout: sparse.Layout) -> None:
         super().__init__(cfg, layout)
+        sparse.check_density(layout, self.target_density, cfg["mask-scope"])
         self.installed = False
+        self.client_fingerprints: dict[int, str] = {}  # partition id -> fingerprint of the mask it stored
 
     @property
     def value_dtype(self) -> str:
@@ -55,6 +57,7 @@ class MaskedFedAvg(FedAvg):
         replies = channel.send(msgs, logical_down=bits.size)
         for r in replies:
             got = str(r.content["config"].get("fingerprint", ""))
+            self.client_fingerprints[int(r.content["metrics"].get("partition-id", -1))] = got
             if got != self.fingerprint:
                 channel.fail(r.metadata.src_node_id, f"installed mask {got}, expected {self.fingerprint}",
                              "query.install_mask")

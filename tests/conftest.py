@@ -1,0 +1,53 @@
+"""Shared test helpers: Flower messages outside a running app, and running `fedsparse run` as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # server/ and client/ are the Flower app's components, loaded from the app dir
+
+
+@pytest.fixture
+def task_identity():
+    """Building a Message outside a running app needs Flower's task identity set (flower.md section 1.4)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = old
+
+
+def reply_to(content, node_id: int, message_type: str = "train"):
+    """A reply from `node_id` carrying `content`, as the grid would hand it to the strategy."""
+    from flwr.app import Message, RecordDict
+
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=message_type)
+    reply = Message(content, reply_to=instruction)
+    reply.metadata.src_node_id = node_id
+    return reply
+
+
+def fedsparse_run(out: Path, *settings: str, extra: tuple[str, ...] = (), timeout: float = 600,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """`fedsparse run --set ... --out out` in a subprocess (its own Ray cluster), with 2 Ray CPUs."""
+    cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--ray-cpus", "2", "--out", str(out), *extra]
+    if settings:
+        cmd += ["--set", *settings]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fedsparse run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
