@@ -85,6 +85,11 @@ def _load(content: RecordDict, state: RecordDict, cfg: dict) -> tuple[torch.nn.M
     return net, layout, masks, fp
 
 
+def _received(net: torch.nn.Module, layout: sparse.Layout, masks: sparse.Masks | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse.gather({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, layout, masks)
+
+
 def _seed(cfg: dict, server_round: int, partition_id: int) -> int:
     return (cfg["seed"] * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
@@ -102,16 +107,18 @@ def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -
 @handler("train")
 def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     net, layout, masks, fp = _load(content, state, cfg)
+    values0, dense0 = _received(net, layout, masks)
     conf = content["config"]
     x, y = local_data(cfg, partition_id)
     tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
                      cfg["weight-decay"], cfg["grad-clip"])
     loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
                        device=pick_device(cfg["device"]))
-    values, dense = sparse.gather({k: v.cpu() for k, v in net.state_dict().items()}, layout, masks)
+    values, dense = _received(net, layout, masks)
     dtype = str(conf.get("value-dtype", "float32"))
     reply = RecordDict({
-        "arrays": transport.make_payload(values, dense, dtype),
+        # the update, not the weights: in float16/bfloat16 a weight would swallow a change below 1e-3 of it
+        "arrays": transport.make_payload(values - values0, dense - dense0, dtype),
         "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id}),
         "config": ConfigRecord({"mask-fingerprint": fp}),
     })

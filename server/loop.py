@@ -90,10 +90,8 @@ def run_federation(grid, run_config: dict) -> dict:
     dense_bytes = dense_round_bytes(layout, strategy)
     for server_round in range(len(rows) + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
-        before = Traffic(**vars(channel.traffic))
         state = strategy.setup(channel, nodes, state, server_round)
-        for k in vars(oneoff):
-            setattr(oneoff, k, getattr(oneoff, k) + getattr(channel.traffic, k) - getattr(before, k))
+        oneoff.add(channel.traffic)  # discovery, saliency, mask install: not part of any round's traffic
         channel.traffic = Traffic()
         picked = [p for p in sample_partitions(cfg["num-clients"], cfg["fraction-train"], cfg["seed"], server_round)
                   if p in nodes]

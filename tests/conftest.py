@@ -20,10 +20,10 @@ def task_identity():
     """Building a Message outside a running app needs Flower's task identity set (flower.md section 1.4)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    old = (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id)
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = old
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 def reply_to(content, node_id: int, message_type: str = "train"):
@@ -32,7 +32,6 @@ def reply_to(content, node_id: int, message_type: str = "train"):
 
     instruction = Message(RecordDict(), dst_node_id=node_id, message_type=message_type)
     reply = Message(content, reply_to=instruction)
-    reply.metadata.src_node_id = node_id
     return reply
 
 

@@ -32,6 +32,10 @@ class Traffic:
     def total(self) -> int:
         return self.down + self.up
 
+    def add(self, other: Traffic) -> None:
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
 
 @dataclass
 class Channel:
@@ -76,7 +80,8 @@ def weighted_mean(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
 
 
 class FedAvg:
-    """Dense FedAvg: the whole model travels as float32 both ways; example-weighted mean of the replies."""
+    """Dense FedAvg: the whole model travels as float32 both ways; the global model moves by the
+    example-weighted mean of the clients' updates (= the weighted mean of their models)."""
 
     name = "fedavg"
 
@@ -85,6 +90,7 @@ class FedAvg:
         self.layout = layout
         self.masks: sparse.Masks | None = None
         self.fingerprint = sparse.NO_MASK
+        self.global_state: sparse.State = {}  # the model sent this round; replies are updates to it
 
     # ---- settings a subclass changes
     @property
@@ -107,6 +113,7 @@ class FedAvg:
                              "mask-fingerprint": self.fingerprint})
 
     def configure_train(self, server_round: int, state: sparse.State, node_ids: list[int]) -> list[Message]:
+        self.global_state = state
         values, dense = sparse.gather(state, self.layout, self.masks)
         content = RecordDict({"arrays": transport.make_payload(values, dense, self.value_dtype),
                               "config": self.train_config(server_round)})
@@ -116,7 +123,7 @@ class FedAvg:
         return transport.logical_payload_bytes(self.layout, self.masks, self.value_dtype)
 
     def read_reply(self, reply: Message) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(num-examples, values, dense) of a valid train reply."""
+        """(num-examples, value update, dense update) of a valid train reply."""
         content = reply.content
         for key in ("arrays", "metrics"):
             if key not in content:
@@ -132,7 +139,7 @@ class FedAvg:
 
     def aggregate_train(self, server_round: int, replies: list[Message], channel: Channel
                         ) -> tuple[sparse.State | None, dict]:
-        """Weighted mean of the valid replies; None when every reply was rejected."""
+        """Global model plus the weighted mean of the valid updates; None when every reply was rejected."""
         accepted = []
         for r in replies:
             try:
@@ -147,8 +154,10 @@ class FedAvg:
         if not accepted:
             return None, {"train_loss": float("nan"), "accepted": 0}
         accepted.sort(key=lambda a: a[0])
-        values = weighted_mean([(n, v) for _, n, v, _, _ in accepted]) if accepted[0][2].numel() else accepted[0][2]
-        dense = weighted_mean([(n, d) for _, n, _, d, _ in accepted])
+        values, dense = sparse.gather(self.global_state, self.layout, self.masks)
+        if values.numel():
+            values = values + weighted_mean([(n, v) for _, n, v, _, _ in accepted])
+        dense = dense + weighted_mean([(n, d) for _, n, _, d, _ in accepted])
         n_total = sum(a[1] for a in accepted)
         loss = sum(a[1] * a[4] for a in accepted) / n_total
         return sparse.scatter(values, dense, self.layout, self.masks), {"train_loss": loss,

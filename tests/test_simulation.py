@@ -1,0 +1,138 @@
+"""Real Ray simulations through `fedsparse run`, as a user runs them: learning, results files, bytes on the
+wire, bad clients, kill-and-resume. Each run is a subprocess with its own Ray cluster on 2 CPUs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fedsparse import sparse
+from fedsparse.models import build_model, maskable_names
+from tests.conftest import REPO, fedsparse_run, summary
+
+DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-size=16")
+SSFL10 = (*DIGITS, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.3", "num-rounds=3")
+
+
+def rounds(out):
+    with (out / "rounds.csv").open() as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """fedavg and SSFL (float32, float16) on the same federation, run once for the tests below."""
+    base = tmp_path_factory.mktemp("sim")
+    out = {}
+    for name, extra in {"fedavg": ("strategy=fedavg",),
+                        "ssfl": ("strategy=ssfl", "sparsity=0.9"),
+                        "ssfl16": ("strategy=ssfl", "sparsity=0.9", "value-dtype=float16")}.items():
+        out[name] = base / name
+        fedsparse_run(out[name], *SSFL10, *extra)
+    return out
+
+
+def test_fedavg_on_5_clients_learns_and_its_files_agree(tmp_path):
+    out = tmp_path / "fedavg5"
+    proc = fedsparse_run(out, *DIGITS, "num-clients=5", "num-rounds=3", "strategy=fedavg")
+    assert "round 3/3" in proc.stderr  # one progress line per round
+    s, rows = summary(out), rounds(out)
+    assert s["final_accuracy"] > 0.3, s["final_accuracy"]  # chance is 0.1
+    assert s["rounds"] == len(rows) == 3
+    assert s["final_accuracy"] == pytest.approx(rows[-1]["test_accuracy"])
+    assert s["best_accuracy"] == pytest.approx(max(r["test_accuracy"] for r in rows))
+    assert s["bytes_down"] == sum(r["bytes_down"] for r in rows)
+    assert s["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num-clients"] == 5 and cfg["strategy"] == "fedavg"
+    assert (out / "curves.png").stat().st_size > 10_000
+    for key in ("strategy", "final_accuracy", "best_accuracy", "rounds", "bytes_down", "bytes_up", "bytes_oneoff",
+                "seconds"):
+        assert key in s
+
+
+def test_ssfl_learns_and_moves_9x_fewer_bytes_than_fedavg(runs):
+    dense, ssfl, ssfl16 = (summary(runs[k]) for k in ("fedavg", "ssfl", "ssfl16"))
+    print({k: round(summary(runs[k])["final_accuracy"], 4) for k in runs})
+    assert ssfl["final_accuracy"] > 0.3 and ssfl16["final_accuracy"] > 0.3  # chance is 0.1
+    per_round = {k: (summary(v)["bytes_down"] + summary(v)["bytes_up"]) / 3 for k, v in runs.items()}
+    print({k: round(per_round["fedavg"] / v, 2) for k, v in per_round.items()})
+    assert per_round["fedavg"] / per_round["ssfl"] >= 9
+    assert per_round["fedavg"] / per_round["ssfl16"] >= 18
+    assert ssfl["bytes_ratio_vs_dense"] == pytest.approx(per_round["fedavg"] / per_round["ssfl"], rel=1e-3)
+    assert ssfl["density"] == pytest.approx(0.1, abs=1e-5) and dense["density"] == 1.0
+    assert ssfl["bytes_oneoff"] > 0 and dense["bytes_oneoff"] > 0  # saliency + mask; node discovery
+
+
+def test_every_client_holds_the_same_mask(runs):
+    s = summary(runs["ssfl"])
+    assert len(s["client_mask_fingerprints"]) == 10
+    assert set(s["client_mask_fingerprints"].values()) == {s["mask_fingerprint"]}
+    assert s["failures"] == []
+
+
+@pytest.mark.parametrize("name,dtype,width", [("ssfl", "float32", 4), ("ssfl16", "float16", 2)])
+def test_bytes_per_round_equal_the_formula(runs, name, dtype, width):
+    s = summary(runs[name])
+    model = build_model("cnn", (1, 16, 16), 10)
+    layout = sparse.Layout.of(model.state_dict(), maskable_names(model))
+    nnz = round(0.1 * layout.num_maskable)
+    payload = 2 * 128 + (nnz + layout.num_dense) * width + len("values") + len("dense")  # npy headers + data + keys
+    fp = s["mask_fingerprint"]
+    config_down = (len("server-round") + 8) + (len("lr") + 8) + len("value-dtype") + len(dtype) \
+        + len("mask-fingerprint") + len(fp)
+    metrics_up = sum(len(k) + 8 for k in ("num-examples", "train-loss", "partition-id"))
+    config_up = len("mask-fingerprint") + len(fp)
+    for r in rounds(runs[name]):
+        assert r["bytes_down"] == r["clients"] * (payload + config_down)
+        assert r["bytes_up"] == r["clients"] * (payload + metrics_up + config_up)
+        assert r["logical_up"] == r["clients"] * (nnz + layout.num_dense) * width
+        assert r["bytes_up"] <= 1.01 * r["logical_up"] + r["clients"] * (2 * 128 + 200)
+
+
+def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path):
+    out = tmp_path / "fault"
+    fedsparse_run(out, *DIGITS, "num-clients=4", "num-rounds=2", "strategy=ssfl", "sparsity=0.5",
+                  "partitioner=iid", "fault-partition=2", "client-fault=nan")
+    s, rows = summary(out), rounds(out)
+    assert [r["rejected"] for r in rows] == [1, 1] and [r["clients"] for r in rows] == [3, 3]
+    assert len(s["failures"]) == 2 and all("NaN" in f["reason"] for f in s["failures"])
+    assert s["best_accuracy"] > 0.3  # the other clients' updates were applied
+
+
+def test_kill_and_resume_gives_the_same_final_model(tmp_path):
+    settings = (*DIGITS, "num-clients=4", "num-rounds=5", "strategy=ssfl", "sparsity=0.8", "fraction-train=0.5")
+    whole = tmp_path / "whole"
+    fedsparse_run(whole, *settings)
+
+    crashed = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--ray-cpus", "2", "--out", str(crashed), "--set", *settings]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (crashed / "rounds.csv").exists() and len(rounds(crashed)) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(rounds(crashed))
+    assert 2 <= done_before < 5, "the run was not interrupted mid-way"
+    assert not (crashed / "summary.json").exists()
+
+    fedsparse_run(crashed, extra=("--resume", str(crashed)))
+    assert len(rounds(crashed)) == 5
+    a = torch.load(whole / "final_model.pt")
+    b = torch.load(crashed / "final_model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["test_accuracy"] for r in rounds(crashed)] == [r["test_accuracy"] for r in rounds(whole)]
