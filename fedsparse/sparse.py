@@ -160,3 +160,12 @@ def num_values(layout: Layout, masks: Masks | None) -> tuple[int, int]:
     if masks is None:
         return 0, layout.num_maskable + layout.num_dense
     return sum(int(m.sum()) for m in masks.values()), layout.num_dense
+
+
+def weighted_mean(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Weighted mean of vectors, summed in float64 in the given order (callers sort it: reproducible floats)."""
+    total = sum(w for w, _ in parts)
+    out = torch.zeros_like(parts[0][1], dtype=torch.float64)
+    for w, v in parts:
+        out += (w / total) * v.double()
+    return out.float()

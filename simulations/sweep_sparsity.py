@@ -2,7 +2,10 @@
 `sweep-fmnist` preset. Each run is a `fedsparse run` in its own process (finished runs are skipped, so the sweep
 can be resumed). Writes sweep.csv, sweep.md and sweep.png into the output folder.
 
-    python simulations/sweep_sparsity.py --out results/sweep [--rounds 20] [--seeds 1 2]
+    python simulations/sweep_sparsity.py --out results/sweep [--rounds 15] [--seeds 1 2]
+
+Figures are taken after `--rounds` rounds; a finished run with more rounds counts up to that round (with
+lr-decay 1 its first R rounds are exactly those of an R-round run).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedsparse.results import read_rounds
+
 STRATEGIES = ("ssfl", "random", "magnitude")
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 
@@ -25,12 +30,12 @@ def runs(seeds: list[int]) -> list[tuple[str, float, int]]:
     return grid
 
 
-def run_one(out: Path, strategy: str, sparsity: float, seed: int, extra: list[str]) -> Path:
+def run_one(out: Path, strategy: str, sparsity: float, seed: int, rounds: int, extra: list[str]) -> Path:
     folder = out / f"{strategy}-s{sparsity:g}-seed{seed}"
-    if (folder / "summary.json").exists():
+    if (folder / "summary.json").exists() and json.loads((folder / "summary.json").read_text())["rounds"] >= rounds:
         return folder
     cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--preset", "sweep-fmnist", "--out", str(folder),
-           "--set", f"strategy={strategy}", f"sparsity={sparsity}", f"seed={seed}", *extra]
+           "--set", f"strategy={strategy}", f"sparsity={sparsity}", f"seed={seed}", f"num-rounds={rounds}", *extra]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return folder
@@ -88,18 +93,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for strategy, sparsity, seed in runs(args.seeds):
-        folder = run_one(out, strategy, sparsity, seed, args.set)
+        folder = run_one(out, strategy, sparsity, seed, args.rounds, args.set)
         s = json.loads((folder / "summary.json").read_text())
-        rows.append({"strategy": strategy, "sparsity": sparsity, "seed": seed, "final_accuracy": s["final_accuracy"],
-                     "best_accuracy": s["best_accuracy"], "bytes_ratio_vs_dense": s["bytes_ratio_vs_dense"],
-                     "total_mb": (s["bytes_down"] + s["bytes_up"] + s["bytes_oneoff"]) / 1e6,
-                     "seconds": s["seconds"]})
+        r = read_rounds(folder / "rounds.csv")[: args.rounds]
+        rows.append({"strategy": strategy, "sparsity": sparsity, "seed": seed, "rounds": len(r),
+                     "final_accuracy": r[-1]["test_accuracy"], "best_accuracy": max(x["test_accuracy"] for x in r),
+                     "bytes_ratio_vs_dense": s["bytes_ratio_vs_dense"],
+                     "total_mb": (sum(x["bytes_down"] + x["bytes_up"] for x in r) + s["bytes_oneoff"]) / 1e6,
+                     "seconds": sum(x["seconds"] for x in r)})
     with (out / "sweep.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

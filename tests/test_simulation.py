@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,20 @@ from tests.conftest import REPO, fedsparse_run, summary
 
 DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-size=16")
 SSFL10 = (*DIGITS, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.3", "num-rounds=3")
+
+
+def kill_orphaned_ray_workers() -> None:
+    """A SIGKILLed driver can leave Ray actors re-parented to init and spinning; reap them (ours are the only
+    orphaned `ray::` processes a test run can leave)."""
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == 1 and cmdline.startswith(b"ray::"):
+            os.kill(pid, signal.SIGKILL)
 
 
 def rounds(out):
@@ -124,6 +139,7 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        kill_orphaned_ray_workers()
     done_before = len(rounds(crashed))
     assert 2 <= done_before < 5, "the run was not interrupted mid-way"
     assert not (crashed / "summary.json").exists()

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsparse import sparse, transport
+from fedsparse.sparse import weighted_mean
 from fedsparse.transport import ReplyError
 
 log = logging.getLogger("fedsparse")
@@ -68,15 +69,6 @@ class Channel:
     def fail(self, node_id: int, reason: str, what: str) -> None:
         log.warning("node %s: %s (%s)", node_id, reason, what)
         self.failures.append({"node_id": int(node_id), "reason": reason, "message": what})
-
-
-def weighted_mean(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """Example-weighted mean of vectors, summed in the given order (callers sort it: reproducible floats)."""
-    total = sum(w for w, _ in parts)
-    out = torch.zeros_like(parts[0][1], dtype=torch.float64)
-    for w, v in parts:
-        out += (w / total) * v.double()
-    return out.float()
 
 
 class FedAvg:
