@@ -87,17 +87,18 @@ def run_federation(grid, run_config: dict) -> dict:
 
     channel = Channel(grid, cfg["round-timeout"], failures=failures)
     nodes = discover(grid, cfg, channel)
+    oneoff.add(channel.take())
     dense_bytes = dense_round_bytes(layout, strategy)
     for server_round in range(len(rows) + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
         state = strategy.setup(channel, nodes, state, server_round)
-        oneoff.add(channel.traffic)  # discovery, saliency, mask install: not part of any round's traffic
-        channel.traffic = Traffic()
+        oneoff.add(channel.take())  # discovery, saliency, mask install: not part of any round's traffic
         picked = [p for p in sample_partitions(cfg["num-clients"], cfg["fraction-train"], cfg["seed"], server_round)
                   if p in nodes]
         msgs = strategy.configure_train(server_round, state, [nodes[p] for p in picked])
         replies = channel.send(msgs, logical_down=strategy.logical_bytes())
         new_state, metrics = strategy.aggregate_train(server_round, replies, channel)
+        traffic = channel.take()
         if new_state is None:
             log.error("round %d: every reply was rejected or failed; the global model is unchanged", server_round)
         else:
@@ -105,11 +106,10 @@ def run_federation(grid, run_config: dict) -> dict:
         model.load_state_dict(state)
         test_loss, test_acc = evaluate(model, ds.x_test, ds.y_test, device=device)
         row = {"round": server_round, "test_loss": test_loss, "test_accuracy": test_acc,
-               "train_loss": metrics["train_loss"], "bytes_down": channel.traffic.down,
-               "bytes_up": channel.traffic.up, "logical_down": channel.traffic.logical_down,
-               "logical_up": channel.traffic.logical_up, "clients": metrics["accepted"],
+               "train_loss": metrics["train_loss"], "clients": metrics["accepted"],
                "rejected": len(msgs) - metrics["accepted"], "seconds": time.perf_counter() - start,
-               "dense_equivalent": dense_bytes * len(msgs)}
+               "dense_equivalent": dense_bytes * len(msgs), "bytes_down": traffic.down, "bytes_up": traffic.up,
+               "logical_down": traffic.logical_down, "logical_up": traffic.logical_up}
         for f in channel.failures:
             f.setdefault("round", server_round)
         rows.append(row)

@@ -111,6 +111,25 @@ def test_bytes_per_round_equal_the_formula(runs, name, dtype, width):
         assert r["bytes_up"] <= 1.01 * r["logical_up"] + r["clients"] * (2 * 128 + 200)
 
 
+def test_one_off_bytes_equal_the_formula(runs):
+    """Discovery for every strategy; SSFL adds the saliency round and the mask install, once per client."""
+    model = build_model("cnn", (1, 16, 16), 10)
+    layout = sparse.Layout.of(model.state_dict(), maskable_names(model))
+    n, p = 10, layout.num_maskable
+    discovery = n * (len("partition-id") + 8 + len("num-examples") + 8)  # the request is empty
+    assert summary(runs["fedavg"])["bytes_oneoff"] == discovery
+    config = (len("server-round") + 8) + (len("lr") + 8) + len("value-dtype") + len("float32") \
+        + len("mask-fingerprint") + len("dense")
+    saliency_down = 128 + 4 * (p + layout.num_dense) + len("values") + 128 + len("dense") + config
+    saliency_up = 128 + 4 * p + len("saliency") + len("num-examples") + 8 + len("partition-id") + 8
+    fp = len("fingerprint") + 16
+    install_down = 128 + (p + 7) // 8 + len("bits") + fp
+    install_up = fp + len("partition-id") + 8
+    s = summary(runs["ssfl"])
+    assert s["oneoff_down"] == n * (saliency_down + install_down)
+    assert s["bytes_oneoff"] == discovery + n * (saliency_down + saliency_up + install_down + install_up)
+
+
 def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path):
     out = tmp_path / "fault"
     fedsparse_run(out, *DIGITS, "num-clients=4", "num-rounds=2", "strategy=ssfl", "sparsity=0.5",

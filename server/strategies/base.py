@@ -66,6 +66,11 @@ class Channel:
                 self.fail(m.metadata.dst_node_id, "no reply before the timeout", m.metadata.message_type)
         return ok
 
+    def take(self) -> Traffic:
+        """The traffic counted since the last take, and start counting afresh."""
+        taken, self.traffic = self.traffic, Traffic()
+        return taken
+
     def fail(self, node_id: int, reason: str, what: str) -> None:
         log.warning("node %s: %s (%s)", node_id, reason, what)
         self.failures.append({"node_id": int(node_id), "reason": reason, "message": what})
