@@ -74,3 +74,10 @@ def test_gpu_request_without_a_gpu_is_a_clear_error(capsys, tmp_path):
 def test_presets_are_valid_configs():
     for path in (REPO / "simulations" / "presets").glob("*.toml"):
         resolve(tomllib.loads(path.read_text()))
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = ".venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q"
+    assert command in readme and command in ci
