@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsparse import sparse, transport
+from fedsparse import codec, sparse, topk, transport
 from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.train import TrainConfig, evaluate, pick_device, saliency_scores, train_local
@@ -185,3 +185,55 @@ def corrupt_reply(reply: RecordDict, fault: str) -> None:
         del arrays["values"]
     elif fault == "stale-fingerprint":
         reply["config"] = ConfigRecord({"mask-fingerprint": "0000000000000000"})
+
+
+# ------------------------------------------------------------------------------- top-k with error feedback
+
+TOPK_KEY = "update"  # the one Array of a top-k reply
+TOPK_STYPE = "fedsparse.codec"  # its Array.stype: raw codec bytes, no npy header
+TOPK_RESIDUAL = "topk-residual"  # the ArrayRecord in the node state that carries what was not sent yet
+
+
+def encode_topk_update(update: np.ndarray, residual: np.ndarray | None, density: float, value_dtype: str
+                       ) -> tuple[bytes, np.ndarray]:
+    """(codec bytes of the top-k of update + residual, new residual).
+
+    The new residual also takes the rounding error of the sent values (value_dtype), so that decoded sent
+    values + new residual == update + residual: nothing is lost, only sent later.
+    """
+    idx, vals, residual = topk.compress(update.astype(np.float32, copy=False), residual, density)
+    buf = codec.encode_sparse(update.size, idx, vals, value_dtype)
+    sent = codec.decode(buf, max_elements=update.size).reshape(-1)  # exactly what the server will see
+    residual[idx] += vals - sent[idx]  # (a dense-layout buffer also carries zeros off idx: they change nothing)
+    return buf, residual
+
+
+def topk_arrays(buf: bytes) -> ArrayRecord:
+    """The reply's ArrayRecord: one Array whose data is the codec buffer itself (count_bytes = len + key)."""
+    return ArrayRecord({TOPK_KEY: Array(dtype="uint8", shape=(len(buf),), stype=TOPK_STYPE, data=buf)})
+
+
+@handler("train.topk")
+def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """Train on the dense global model, reply the top-k of (update + residual) as codec bytes."""
+    net, layout, _, fp = _load(content, state, cfg)
+    _, before = _received(net, layout, None)  # the whole model, flat, in the server's order
+    conf = content["config"]
+    x, y = local_data(cfg, partition_id)
+    tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
+                     cfg["weight-decay"], cfg["grad-clip"])
+    loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=None,
+                       device=pick_device(cfg["device"]))
+    _, after = _received(net, layout, None)
+    update = (after - before).numpy()
+    residual = state[TOPK_RESIDUAL]["residual"].numpy() if TOPK_RESIDUAL in state else None
+    if residual is not None and residual.shape != update.shape:  # another model: the old residual is meaningless
+        residual = None
+    dtype = str(conf.get("value-dtype", "float32"))
+    buf, residual = encode_topk_update(update, residual, cfg["topk-density"], dtype)
+    state[TOPK_RESIDUAL] = ArrayRecord({"residual": Array(residual)})
+    return RecordDict({
+        "arrays": topk_arrays(buf),
+        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id}),
+        "config": ConfigRecord({"mask-fingerprint": fp}),
+    })

@@ -31,7 +31,7 @@ def topk_indices(x: np.ndarray, density: float) -> np.ndarray:
     threshold = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
     above = np.flatnonzero(mag > threshold)
     at = np.flatnonzero(mag == threshold)[: k - above.size]
-    return np.union1d(above, at).astype(np.int64)
+    return np.sort(np.concatenate([above, at])).astype(np.int64)  # disjoint sets: no union1d (10x slower)
 
 
 def compress(

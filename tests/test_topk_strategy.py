@@ -1,0 +1,211 @@
+"""The top-k strategy with fake client replies (aggregation, every kind of bad reply), the client handler's error
+feedback on a tiny model, and one Ray simulation through `fedsparse run`."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedsparse import client, codec, sparse
+from fedsparse.config import resolve
+from fedsparse.models import build_model, maskable_names
+from fedsparse.results import read_rounds
+from server.strategies import STRATEGIES
+from server.strategies.base import Channel
+from tests.conftest import fedsparse_run, reply_to, summary
+
+DENSITY = 0.1
+DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-size=16")
+
+
+def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16"):
+    net = net if net is not None else build_model("cnn", (1, 16, 16), 10, seed=0)
+    cfg = resolve({"strategy": "topk", "dataset": "digits", "topk-density": DENSITY, "value-dtype": dtype})
+    layout = sparse.Layout.of(net.state_dict(), maskable_names(net))
+    strategy = STRATEGIES["topk"](cfg, layout)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    strategy.global_state = state
+    return strategy, state
+
+
+def topk_reply(node_id: int, n: int, buf: bytes):
+    content = RecordDict({
+        "arrays": client.topk_arrays(buf),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": node_id}),
+        "config": ConfigRecord({"mask-fingerprint": sparse.NO_MASK}),
+    })
+    return reply_to(content, node_id, "train.topk")
+
+
+def random_update(strategy, seed: int, dtype: str = "float16") -> tuple[bytes, np.ndarray]:
+    """Codec bytes of a client's top-k Gaussian update, and the dense update the server should decode."""
+    update = np.random.default_rng(seed).standard_normal(strategy.numel).astype(np.float32) * 1e-2
+    buf, _ = client.encode_topk_update(update, None, DENSITY, dtype)
+    return buf, codec.decode(buf, max_elements=strategy.numel)
+
+
+def global_flat(strategy, state) -> torch.Tensor:
+    return sparse.gather(state, strategy.layout, None)[1]
+
+
+def test_configure_train_sends_the_dense_model_to_the_topk_handler(task_identity):
+    strategy, state = make_topk()
+    [msg] = strategy.configure_train(1, state, [7])
+    assert msg.metadata.message_type == "train.topk" and "train.topk" in client.HANDLERS
+    arrays = msg.content["arrays"]
+    assert arrays["values"].shape == (0,) and arrays["dense"].shape == (strategy.numel,)
+    assert arrays["dense"].dtype == "float16"
+    assert msg.content["config"]["mask-fingerprint"] == sparse.NO_MASK
+    assert strategy.logical_bytes() == 2 * strategy.numel
+
+
+def test_aggregation_is_the_weighted_mean_of_the_decoded_updates(task_identity):
+    strategy, state = make_topk()
+    parts = [(1, 10, *random_update(strategy, 1)), (2, 30, *random_update(strategy, 2)),
+             (3, 60, *random_update(strategy, 3))]
+    channel = Channel(None, 1.0)
+    new, metrics = strategy.aggregate_train(1, [topk_reply(node, n, buf) for node, n, buf, _ in parts], channel)
+    assert metrics["accepted"] == 3 and channel.failures == []
+    mean = sum(n * dense.astype(np.float64) for _, n, _, dense in parts) / 100
+    expected = global_flat(strategy, state) + torch.from_numpy(mean).float()
+    torch.testing.assert_close(global_flat(strategy, new), expected, rtol=1e-5, atol=1e-6)
+    # logical uplink: 2 bytes per kept float16 value + the index stream in whole bytes
+    kept = round(DENSITY * strategy.numel)
+    logical = 0
+    for _, _, buf, dense in parts:
+        idx = np.flatnonzero(dense)
+        assert idx.size == kept
+        logical += 2 * kept + math.ceil(codec.rice_index_bits(idx, strategy.numel) / 8)
+    assert channel.traffic.logical_up == logical
+
+
+def corrupt(buf: bytes, fault: str, strategy) -> ArrayRecord:
+    """A reply's arrays broken in one way."""
+    n = strategy.numel
+    if fault == "garbled":  # one flipped bit in the Rice unary stream changes its code count
+        head = codec.read_header(buf, max_elements=n).header_bytes
+        bad = bytearray(buf)
+        bad[head] ^= 0x80
+        return client.topk_arrays(bytes(bad))
+    if fault == "truncated":
+        return client.topk_arrays(buf[:-3])
+    if fault == "huge-declared-size":  # a valid buffer, for a tensor 1000x the model
+        return client.topk_arrays(codec.encode_sparse(1000 * n, np.array([0, 5]), np.ones(2), "float16"))
+    if fault == "wrong-shape":
+        return client.topk_arrays(codec.encode_sparse(n - 1, np.array([0, 5]), np.ones(2), "float16"))
+    if fault == "wrong-value-format":
+        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.ones(2), "float32"))
+    if fault == "nan":
+        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([1.0, np.nan]), "float16"))
+    if fault == "inf":
+        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([np.inf, 1.0]), "float16"))
+    if fault == "npy-array":  # a plain numpy Array, not codec bytes
+        return ArrayRecord({client.TOPK_KEY: Array(np.zeros(n, dtype=np.float16))})
+    if fault == "extra-key":
+        rec = client.topk_arrays(buf)
+        rec["dense"] = Array(np.zeros(3, dtype=np.float16))
+        return rec
+    raise ValueError(fault)
+
+
+FAULTS = ["garbled", "truncated", "huge-declared-size", "wrong-shape", "wrong-value-format", "nan", "inf",
+          "npy-array", "extra-key"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_bad_reply_is_rejected_logged_and_the_round_goes_on(task_identity, fault, caplog):
+    strategy, state = make_topk()
+    good_buf, good_dense = random_update(strategy, 1)
+    bad_buf, _ = random_update(strategy, 2)
+    bad = topk_reply(2, 10, bad_buf)
+    bad.content["arrays"] = corrupt(bad_buf, fault, strategy)
+    channel = Channel(None, 1.0)
+    new, metrics = strategy.aggregate_train(1, [topk_reply(1, 10, good_buf), bad], channel)
+    assert metrics["accepted"] == 1
+    assert len(channel.failures) == 1 and channel.failures[0]["node_id"] == 2
+    assert "rejected reply" in channel.failures[0]["reason"]
+    assert "node 2" in caplog.text
+    expected = global_flat(strategy, state) + torch.from_numpy(good_dense)  # the good client alone
+    torch.testing.assert_close(global_flat(strategy, new), expected)
+    assert channel.traffic.logical_up == 2 * round(DENSITY * strategy.numel) + math.ceil(
+        codec.rice_index_bits(np.flatnonzero(good_dense), strategy.numel) / 8)
+
+
+def test_a_stale_fingerprint_or_bad_example_count_is_rejected(task_identity):
+    strategy, _ = make_topk()
+    buf, _ = random_update(strategy, 1)
+    masked = topk_reply(1, 10, buf)
+    masked.content["config"] = ConfigRecord({"mask-fingerprint": "deadbeefdeadbeef"})
+    zero = topk_reply(2, 0, buf)
+    new, metrics = strategy.aggregate_train(1, [masked, zero], Channel(None, 1.0))
+    assert new is None and metrics["accepted"] == 0
+
+
+@pytest.mark.parametrize("density,dtype", [(0.1, "bfloat16"), (0.95, "float16"), (1.0, "float32")])
+def test_sent_plus_residual_is_the_corrected_update(density, dtype):
+    """Whatever layout the codec picks (0.95 in float16 is dense), rounding errors stay in the residual."""
+    rng = np.random.default_rng(0)
+    update, residual = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
+    buf, new_residual = client.encode_topk_update(update, residual.copy(), density, dtype)
+    sent = codec.decode(buf, max_elements=1000)
+    assert np.count_nonzero(sent) == round(density * 1000)
+    np.testing.assert_allclose(sent + new_residual, update + residual, rtol=0, atol=1e-6)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 4)
+        self.b = torch.nn.Linear(4, 3)
+
+
+def test_the_handler_sends_later_what_it_did_not_send_now(task_identity, monkeypatch):
+    """Error feedback through the real handler: sum of what the server decodes + residual = sum of updates."""
+    net = Tiny()
+    strategy, state = make_topk(net)
+    raw: list[torch.Tensor] = []
+    gen = torch.Generator().manual_seed(0)
+
+    def fake_train(model, x, y, tc, seed, masks, device):  # "training" moves every weight by a known amount
+        before = global_flat(strategy, model.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * torch.rand(1, generator=gen))
+        raw.append(global_flat(strategy, model.state_dict()) - before)
+        return 0.5
+
+    monkeypatch.setattr(client, "model_and_layout", lambda cfg: (net, strategy.layout))
+    monkeypatch.setattr(client, "local_data", lambda cfg, pid, split="train": (np.zeros((7, 6)), np.zeros(7)))
+    monkeypatch.setattr(client, "train_local", fake_train)
+    cfg, node_state = strategy.cfg, RecordDict()
+    sent = torch.zeros(strategy.numel, dtype=torch.float64)
+    for server_round in range(1, 7):
+        [msg] = strategy.configure_train(server_round, state, [1])
+        reply = client.HANDLERS["train.topk"](msg.content, node_state, cfg, 3)
+        update, _ = strategy.decode_update(reply["arrays"])
+        assert int(torch.count_nonzero(update)) <= round(DENSITY * strategy.numel)
+        assert reply["metrics"]["num-examples"] == 7 and reply["config"]["mask-fingerprint"] == sparse.NO_MASK
+        sent += update.double()
+    residual = torch.from_numpy(node_state[client.TOPK_RESIDUAL]["residual"].numpy()).double()
+    total = torch.stack(raw).double().sum(0)
+    assert float(residual.abs().sum()) > 0  # something is still waiting to be sent
+    torch.testing.assert_close(sent + residual, total, rtol=0, atol=1e-5)
+
+
+def test_topk_simulation_learns_with_half_of_fedlabs_uplink(tmp_path):
+    out = tmp_path / "topk"
+    fedsparse_run(out, *DIGITS, "num-clients=5", "num-rounds=2", "strategy=topk", "topk-density=0.1",
+                  "value-dtype=float16")
+    s, rows = summary(out), read_rounds(out / "rounds.csv")
+    assert s["best_accuracy"] > 0.3, s["best_accuracy"]  # chance is 0.1
+    model = build_model("cnn", (1, 16, 16), 10)
+    kept = round(0.1 * sum(v.numel() for v in model.state_dict().values()))
+    fedlab = codec.fedlab_topk_bytes(kept)
+    for r in rows:
+        assert r["clients"] == 5 and r["rejected"] == 0
+        per_client = r["bytes_up"] / r["clients"]
+        print(f"uplink per client {per_client:.0f} B, FedLab {fedlab} B: {fedlab / per_client:.2f}x")
+        assert fedlab / per_client >= 2
+        assert r["logical_up"] <= r["bytes_up"] <= 1.01 * r["logical_up"] + r["clients"] * (128 + 200)
