@@ -58,10 +58,6 @@ RUNS_NOTE = (
     "Per round: measured compute seconds + (bytes down + up) / clients x 8 / rate (the clients of a round transfer "
     "in parallel, each over its own symmetric link); one-off bytes / clients before round 1."
 )
-FIX_NOTE = (
-    "One-off bytes used = recorded minus rounds 1..R-1 for the runs given to --fix-oneoff: server/loop.py before "
-    "Channel.take booked every round but the last in the one-off bytes too. Corrected: "
-)
 
 
 # ------------------------------------------------------------------------------------------ a. payload bytes
@@ -251,23 +247,7 @@ def plot_bytes(rows: list[dict], path: Path) -> None:
 # --------------------------------------------------------------------------------- b. runs under slow links
 
 
-def oneoff_bytes(summary: dict, rounds: list[dict], fix: bool) -> int:
-    """The run's one-off bytes.
-
-    With `fix`, for runs recorded before the loop reset its channel counters after each round (Channel.take):
-    their next round's `oneoff.add` also booked that round, so the one-off holds every round but the last.
-    """
-    recorded = summary.get("bytes_oneoff", 0)
-    if not fix:
-        return recorded
-    true = recorded - sum(r["bytes_down"] + r["bytes_up"] for r in rounds[:-1])
-    if true < 0:
-        raise ValueError(f"one-off {recorded} B is less than the earlier rounds: this run needs no --fix-oneoff")
-    return true
-
-
-def run_curve(folder: Path, rate_mbit: float | None, fix: bool = False
-              ) -> tuple[dict, list[tuple[float, float, float]]]:
+def run_curve(folder: Path, rate_mbit: float | None) -> tuple[dict, list[tuple[float, float, float]]]:
     """(summary, [(cumulative bytes, cumulative seconds, accuracy)]) per round, one-off costs first.
 
     Clients of a round move their bytes in parallel over their own link of `rate_mbit`, so a round lasts its
@@ -277,7 +257,7 @@ def run_curve(folder: Path, rate_mbit: float | None, fix: bool = False
     summary, rounds = load_run(folder)
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     per_bit = 0.0 if rate_mbit is None else 1 / (rate_mbit * 1e6)
-    total = oneoff_bytes(summary, rounds, fix)
+    total = summary.get("bytes_oneoff", 0)
     seconds = total / max(cfg.get("num-clients", 1), 1) * 8 * per_bit
     out = []
     for r in rounds:
@@ -297,19 +277,17 @@ def run_label(summary: dict, folder: Path) -> str:
     return f"{label} ({folder.name})"
 
 
-def runs_rows(folders: list[Path], target: float, fixed: set[Path]) -> list[dict]:
+def runs_rows(folders: list[Path], target: float) -> list[dict]:
     rows = []
     for folder in folders:
-        fix = folder.resolve() in fixed
         summary, rounds = load_run(folder)
         clients = sum(r["clients"] + r["rejected"] for r in rounds)
         r = {"run": str(folder), "label": run_label(summary, folder), "best_accuracy": summary["best_accuracy"],
-             "rounds": summary["rounds"], "bytes_oneoff_recorded": summary.get("bytes_oneoff", 0),
-             "bytes_oneoff": oneoff_bytes(summary, rounds, fix),
+             "rounds": summary["rounds"], "bytes_oneoff": summary.get("bytes_oneoff", 0),
              "bytes_per_client_round": sum(x["bytes_down"] + x["bytes_up"] for x in rounds) / max(clients, 1),
              "compute_seconds": summary["seconds"]}
         for rate in RATES_MBIT:
-            _, timed = run_curve(folder, rate, fix)
+            _, timed = run_curve(folder, rate)
             reached = [(b, s) for b, s, acc in timed if acc >= target]
             r[f"time_{rate}mbit"] = reached[0][1] if reached else None
             r[f"bytes_at_target_{rate}mbit"] = reached[0][0] if reached else None
@@ -319,19 +297,18 @@ def runs_rows(folders: list[Path], target: float, fixed: set[Path]) -> list[dict
 
 def runs_table(rows: list[dict], target: float) -> str:
     rates = " | ".join(f"s to {100 * target:.0f}% @ {rate} Mbit/s" for rate in RATES_MBIT)
-    head = f"| run | rounds | best acc | MB/client/rnd | one-off MB recorded | one-off MB used | compute s | {rates} |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(RATES_MBIT)]
+    head = f"| run | rounds | best acc | MB/client/rnd | one-off MB | compute s | {rates} |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|" + "---:|" * len(RATES_MBIT)]
     for r in rows:
         times = " | ".join("not reached" if r[f"time_{rate}mbit"] is None else f"{r[f'time_{rate}mbit']:.0f}"
                            for rate in RATES_MBIT)
         lines.append(f"| {r['label']} | {r['rounds']} | {100 * r['best_accuracy']:.2f} "
-                     f"| {r['bytes_per_client_round'] / 1e6:.3f} | {r['bytes_oneoff_recorded'] / 1e6:.2f} "
-                     f"| {r['bytes_oneoff'] / 1e6:.2f} "
+                     f"| {r['bytes_per_client_round'] / 1e6:.3f} | {r['bytes_oneoff'] / 1e6:.2f} "
                      f"| {r['compute_seconds']:.0f} | {times} |")
     return "\n".join(lines)
 
 
-def plot_runs(folders: list[Path], target: float, fixed: set[Path], bytes_path: Path, time_path: Path) -> None:
+def plot_runs(folders: list[Path], target: float, bytes_path: Path, time_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,7 +316,7 @@ def plot_runs(folders: list[Path], target: float, fixed: set[Path], bytes_path: 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for folder in folders:
-        summary, curve = run_curve(folder, None, folder.resolve() in fixed)
+        summary, curve = run_curve(folder, None)
         ax.plot([b / 1e6 for b, _, _ in curve], [100 * a for _, _, a in curve], marker=".",
                 label=run_label(summary, folder))
     ax.set_xscale("log")
@@ -354,7 +331,7 @@ def plot_runs(folders: list[Path], target: float, fixed: set[Path], bytes_path: 
     fig, axes = plt.subplots(1, len(RATES_MBIT), figsize=(15, 4.5), sharey=True)
     for ax, rate in zip(axes, RATES_MBIT, strict=True):
         for folder in folders:
-            summary, curve = run_curve(folder, rate, folder.resolve() in fixed)
+            summary, curve = run_curve(folder, rate)
             ax.plot([s for _, s, _ in curve], [100 * a for _, _, a in curve], marker=".",
                     label=run_label(summary, folder))
         ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
@@ -393,8 +370,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench_comm"))
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="run folders with summary.json")
     parser.add_argument("--target", type=float, default=0.7, help="accuracy for time-to-accuracy")
-    parser.add_argument("--fix-oneoff", type=Path, nargs="*", default=[], metavar="DIR",
-                        help="runs recorded before the loop's one-off fix: take rounds 1..R-1 out of their one-off")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -413,15 +388,12 @@ def main() -> None:
 
     folders = [f for f in args.runs if (f / "summary.json").exists()]
     skipped = [str(f) for f in args.runs if f not in folders]
-    fixed = {f.resolve() for f in args.fix_oneoff}
-    run_rows = runs_rows(folders, args.target, fixed) if folders else []
+    run_rows = runs_rows(folders, args.target) if folders else []
     if folders:
         table = runs_table(run_rows, args.target)
-        corrected = [f.name for f in folders if f.resolve() in fixed]
-        note = f"{RUNS_NOTE} {FIX_NOTE}{', '.join(corrected)}." if corrected else RUNS_NOTE
-        md += ["", f"# Runs: time to {100 * args.target:.0f}% accuracy", "", note, "", table]
+        md += ["", f"# Runs: time to {100 * args.target:.0f}% accuracy", "", RUNS_NOTE, "", table]
         print(table)
-        plot_runs(folders, args.target, fixed, args.out / "accuracy_vs_bytes.png",
+        plot_runs(folders, args.target, args.out / "accuracy_vs_bytes.png",
                   args.out / "time_to_accuracy.png")
     if skipped:
         print(f"skipped (no summary.json): {', '.join(skipped)}")
