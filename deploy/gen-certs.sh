@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make a private CA and the TLS certificates of a fedsparse deployment with openssl.
+# Make a private CA and the TLS certificates of a fedsparse deployment with openssl (ECDSA P-256 keys: as strong
+# as RSA-3072 and generated in milliseconds, which matters for the tests that make a CA per run).
 #
 #   deploy/gen-certs.sh [OUT_DIR] [--supernodes N] [--force]
 #
@@ -9,6 +10,9 @@
 #   superlink.crt/.key        the SuperLink's certificate (Fleet, Control and Runtime API on one port)
 #   supernode-I.crt/.key      each SuperNode's Runtime API certificate, I = 1..N (the ClientApp SuperExec
 #                             dials it in docker compose, where SuperNode and SuperExec are separate containers)
+#   superexec.secret          shared secret between a SuperLink/SuperNode and its SuperExecs (Flower's
+#                             --superexec-auth-secret-file): only holders may pull ServerApp/ClientApp tasks
+#                             from the Runtime API, which shares the SuperLink's public port
 #
 # SANs: the SuperLink certificate is valid for DNS:superlink (compose service name), DNS:localhost and
 # IP:127.0.0.1, plus whatever SUPERLINK_SANS adds for a multi-host setup, e.g.
@@ -28,7 +32,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --supernodes) supernodes="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "gen-certs.sh: unknown option $1" >&2; exit 2 ;;
     *) out="$1"; shift ;;
   esac
@@ -38,7 +42,9 @@ mkdir -p "$out"
 cd "$out"
 
 if [[ $force -eq 1 || ! -s ca.crt || ! -s ca.key ]]; then
-  openssl req -x509 -newkey rsa:4096 -sha256 -nodes -days "$days" -subj "/CN=fedsparse-ca" \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -sha256 -nodes -days "$days" \
+    -subj "/CN=fedsparse-ca" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -keyout ca.key -out ca.crt 2>/dev/null
   force=1  # a new CA invalidates every certificate it signed before
 fi
@@ -51,9 +57,10 @@ sign() {
   fi
   local ext
   ext="$(mktemp)"
-  printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
-    "$sans" >"$ext"
-  openssl req -newkey rsa:2048 -sha256 -nodes -subj "/CN=$name" -keyout "$name.key" -out "$name.csr" 2>/dev/null
+  printf '%s\n' "subjectAltName=$sans" "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth" >"$ext"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -sha256 -nodes -subj "/CN=$name" \
+    -keyout "$name.key" -out "$name.csr" 2>/dev/null
   openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" -sha256 \
     -extfile "$ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$ext"
@@ -63,11 +70,14 @@ sign superlink "DNS:superlink,DNS:localhost,IP:127.0.0.1${SUPERLINK_SANS:+,$SUPE
 for ((i = 1; i <= supernodes; i++)); do
   sign "supernode-$i" "DNS:supernode-$i,DNS:localhost,IP:127.0.0.1"
 done
+if [[ $force -eq 1 || ! -s superexec.secret ]]; then
+  openssl rand -hex 32 | tr -d '\n' >superexec.secret
+fi
 rm -f ca.srl
 # Compose bind-mounts each secret file with its host permissions, and the containers run as a non-root user
 # whose UID need not match yours: the files are world-readable, and the folder (which a bind mount of a single
 # file does not expose) is private to you. ca.key is never mounted.
-chmod 644 ./*.crt ./*.key
+chmod 644 ./*.crt ./*.key superexec.secret
 chmod 600 ca.key
 chmod 700 .
 echo "certificates in $out: $(ls | tr '\n' ' ')"

@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("dirs", nargs="+")
     rep.add_argument("--plot", help="write a comparison plot (PNG) here")
     rep.set_defaults(func=cmd_report)
+    sub.add_parser("deploy-local", add_help=False,
+                   help="SuperLink (TLS + node auth) and N SuperNodes on loopback, one run; --help for options")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deploy-local"]:  # its options are fedsparse.deploy's own
+        from fedsparse.deploy import main as deploy_main
+
+        return deploy_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -433,7 +433,8 @@ class LocalDeployment:
                 self._bins["flower-superexec"], *self._tls_client_args(), *self._superexec_auth_args(),
                 "--runtime-api-address", f"127.0.0.1:{node.port}"], node.home))
         self.log(f"{node.name} started: partition {node.partition_id}/{node.num_partitions}, "
-                  f"runtime port {node.port}, key {'registered' if node.registered else 'NOT registered'}"
+                  f"runtime port {node.port}, "
+                 f"{'no authentication' if not self.auth else 'key registered' if node.registered else 'key NOT registered'}"
                   f"{f', node id {node.node_id}' if node.node_id else ''} (pid {node.procs[0].pid})")
         return node
 
@@ -451,6 +452,14 @@ class LocalDeployment:
         for p in node.procs:
             if p.alive():
                 p.stop()
+        if self.auth and node.node_id is not None:
+            # The SuperLink refuses to activate a node id it still counts as online (a SuperNode that exits
+            # refused does not retry), and a crashed node stays online until its heartbeat lapses: 2 x 30 s.
+            deadline = time.monotonic() + 150
+            while self.node_states().get(node.node_id) == "online":
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"{node.name} (node {node.node_id}) still online 150 s after it stopped")
+                time.sleep(5)
         node.port = free_port(self.ports)
         self.start_supernode(node)
         if wait:
@@ -610,6 +619,10 @@ class LocalDeployment:
                     last_status = st["status"]
                 if st["status"].startswith("finished"):
                     self._save_run_log(run_id)
+                    # Next to the run's results: Flower's view of it (status, network totals, compute time).
+                    where = self.runs[run_id]["output_dir"] if run_id in self.runs else self.runs_dir
+                    where.mkdir(parents=True, exist_ok=True)
+                    (where / f"flower-run-{run_id}.json").write_text(json.dumps(st, indent=2) + "\n")
                     return st
             if time.monotonic() > deadline:
                 self.flwr("stop", str(run_id), CONNECTION, json_out=False)
@@ -726,7 +739,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_assignments(args.set)
         if "output-dir" in overrides:
             overrides["output-dir"] = str(Path(overrides["output-dir"]).resolve())
-        resolve({**DEFAULT_RUN, "num-clients": args.nodes, **overrides})
+        cfg = resolve({**DEFAULT_RUN, "num-clients": args.nodes, **overrides})
+        if cfg["num-clients"] != args.nodes:
+            raise ConfigError(f"num-clients={cfg['num-clients']} must equal --nodes {args.nodes}: one partition "
+                              "per SuperNode")
     except ConfigError as err:
         print(f"fedsparse.deploy: {err}", file=sys.stderr)
         return 2

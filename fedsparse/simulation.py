@@ -31,13 +31,18 @@ def preflight(cfg: dict) -> None:
     """Everything that can fail before Ray starts: the dataset is found, the model builds, a mask of the asked
     density is possible, the resources exist. Raises ConfigError / DatasetNotFound / RuntimeError."""
     from fedsparse.config import ConfigError
-    from fedsparse.data import load_dataset
+    from fedsparse.data import client_split, load_dataset
     from fedsparse.models import build_model, maskable_names
     from fedsparse.sparse import Layout, MaskError, check_density
 
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     if cfg["num-clients"] > len(ds.y_train[: cfg["train-subset"] or None]) // 2:
         raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {len(ds.y_train)} examples")
+    try:
+        client_split(cfg, 0)  # draws every client's partition (cached for the run)
+    except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot balance
+        raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {len(ds.y_train[: cfg['train-subset'] or None])} examples "
+                          f"over {cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
     if cfg["strategy"] in ("ssfl", "random", "magnitude"):
         layout = Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["mask-layers"].split(","))))

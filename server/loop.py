@@ -36,6 +36,9 @@ def discover(grid, cfg: dict, channel: Channel) -> dict[int, int]:
     node_ids = sorted(grid.get_node_ids())
     replies = channel.send([Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in node_ids])
     nodes = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in replies}
+    if not nodes:
+        reasons = "; ".join(f["reason"][:300] for f in channel.failures[-3:])
+        raise RuntimeError(f"none of the {len(node_ids)} clients answered; last errors: {reasons}")
     log.info("%d clients: partitions %s", len(nodes), sorted(nodes))
     return nodes
 
