@@ -104,8 +104,10 @@ def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -
     return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(x)})})
 
 
-@handler("train")
-def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, str, MetricRecord]:
+    """Train the received model on this client's data: (masked-value update, dense update, mask fingerprint,
+    metrics). Without a mask every tensor is in the dense update."""
     net, layout, masks, fp = _load(content, state, cfg)
     values0, dense0 = _received(net, layout, masks)
     conf = content["config"]
@@ -115,11 +117,17 @@ def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) 
     loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
                        device=pick_device(cfg["device"]))
     values, dense = _received(net, layout, masks)
-    dtype = str(conf.get("value-dtype", "float32"))
+    metrics = MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id})
+    return values - values0, dense - dense0, fp, metrics
+
+
+@handler("train")
+def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    values, dense, fp, metrics = local_update(content, state, cfg, partition_id)
     reply = RecordDict({
         # the update, not the weights: in float16/bfloat16 a weight would swallow a change below 1e-3 of it
-        "arrays": transport.make_payload(values - values0, dense - dense0, dtype),
-        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id}),
+        "arrays": transport.make_payload(values, dense, str(content["config"].get("value-dtype", "float32"))),
+        "metrics": metrics,
         "config": ConfigRecord({"mask-fingerprint": fp}),
     })
     if cfg["client-fault"] != "none" and cfg["fault-partition"] == partition_id:
@@ -216,24 +224,13 @@ def topk_arrays(buf: bytes) -> ArrayRecord:
 @handler("train.topk")
 def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """Train on the dense global model, reply the top-k of (update + residual) as codec bytes."""
-    net, layout, _, fp = _load(content, state, cfg)
-    _, before = _received(net, layout, None)  # the whole model, flat, in the server's order
-    conf = content["config"]
-    x, y = local_data(cfg, partition_id)
-    tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
-                     cfg["weight-decay"], cfg["grad-clip"])
-    loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=None,
-                       device=pick_device(cfg["device"]))
-    _, after = _received(net, layout, None)
-    update = (after - before).numpy()
+    _, flat_update, fp, metrics = local_update(content, state, cfg, partition_id)  # no mask: all in the 2nd
+    update = flat_update.numpy()
     residual = state[TOPK_RESIDUAL]["residual"].numpy() if TOPK_RESIDUAL in state else None
     if residual is not None and residual.shape != update.shape:  # another model: the old residual is meaningless
         residual = None
-    dtype = str(conf.get("value-dtype", "float32"))
+    dtype = str(content["config"].get("value-dtype", "float32"))
     buf, residual = encode_topk_update(update, residual, cfg["topk-density"], dtype)
     state[TOPK_RESIDUAL] = ArrayRecord({"residual": Array(residual)})
-    return RecordDict({
-        "arrays": topk_arrays(buf),
-        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id}),
-        "config": ConfigRecord({"mask-fingerprint": fp}),
-    })
+    return RecordDict({"arrays": topk_arrays(buf), "metrics": metrics,
+                       "config": ConfigRecord({"mask-fingerprint": fp})})

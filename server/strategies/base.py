@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsparse import sparse, transport
 from fedsparse.sparse import weighted_mean
@@ -131,8 +131,12 @@ class FedAvg:
         got_fp = str(content["config"].get("mask-fingerprint", "")) if "config" in content else "(none)"
         if got_fp != self.fingerprint:
             raise ReplyError(f"mask fingerprint {got_fp!r} is not the current mask's {self.fingerprint!r}")
-        values, dense = transport.read_payload(content["arrays"], self.layout, self.masks, self.value_dtype)
+        values, dense = self.decode_payload(content["arrays"])
         return n, values, dense
+
+    def decode_payload(self, arrays: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """(value update, dense update) carried by a reply's arrays; ReplyError if they are malformed."""
+        return transport.read_payload(arrays, self.layout, self.masks, self.value_dtype)
 
     def aggregate_train(self, server_round: int, replies: list[Message], channel: Channel
                         ) -> tuple[sparse.State | None, dict]:

@@ -69,21 +69,11 @@ class TopK(FedAvg):
         content = self.train_content(server_round, state)
         return [Message(content, dst_node_id=n, message_type=MESSAGE_TYPE) for n in node_ids]
 
-    def read_reply(self, reply: Message) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(num-examples, empty values, dense update) of a valid reply; ReplyError says what is wrong."""
-        content = reply.content
-        for key in ("arrays", "metrics"):
-            if key not in content:
-                raise ReplyError(f"reply lacks the record '{key}'")
-        n = content["metrics"].get("num-examples")
-        if not isinstance(n, int) or n <= 0:
-            raise ReplyError(f"num-examples must be a positive integer, got {n!r}")
-        got_fp = str(content["config"].get("mask-fingerprint", "")) if "config" in content else "(none)"
-        if got_fp != sparse.NO_MASK:
-            raise ReplyError(f"mask fingerprint {got_fp!r}, expected {sparse.NO_MASK!r}")
-        update, logical = self.decode_update(content["arrays"])
+    def decode_payload(self, arrays: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """(no masked values, the whole update as `dense`), decoded from the codec bytes."""
+        update, logical = self.decode_update(arrays)
         self._logical_up += logical
-        return n, torch.zeros(0), update
+        return torch.zeros(0), update
 
     def decode_update(self, arrays: ArrayRecord) -> tuple[torch.Tensor, int]:
         """The dense float32 update in a reply's ArrayRecord, and its logical bytes."""
