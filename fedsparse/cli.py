@@ -75,12 +75,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedsparse.results import report
 
     try:
-        print(report([Path(d) for d in args.dirs], Path(args.plot) if args.plot else None))
+        print(report([Path(d) for d in args.dirs], Path(args.plot)))
     except FileNotFoundError as err:
         print(f"fedsparse: {err}", file=sys.stderr)
         return 2
-    if args.plot:
-        print(f"plot: {args.plot}")
+    print(f"plot: {args.plot}")
     return 0
 
 
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="compare finished runs")
     rep.add_argument("dirs", nargs="+")
-    rep.add_argument("--plot", help="write a comparison plot (PNG) here")
+    rep.add_argument("--plot", default="comparison.png", help="the comparison plot (PNG; default comparison.png)")
     rep.set_defaults(func=cmd_report)
     sub.add_parser("deploy-local", add_help=False,
                    help="SuperLink (TLS + node auth) and N SuperNodes on loopback, one run; --help for options")

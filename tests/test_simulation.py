@@ -130,6 +130,17 @@ def test_one_off_bytes_equal_the_formula(runs):
     assert s["bytes_oneoff"] == discovery + n * (saliency_down + saliency_up + install_down + install_up)
 
 
+def test_report_compares_runs_in_one_table_and_plot(runs, tmp_path, capsys):
+    from fedsparse.cli import main as cli_main
+
+    plot = tmp_path / "cmp.png"
+    assert cli_main(["report", str(runs["fedavg"]), str(runs["ssfl16"]), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "| fedavg | fedavg | 1.00 | float32 | 3 |" in table and "| ssfl16 | ssfl | 0.10 | float16 | 3 |" in table
+    assert plot.stat().st_size > 10_000
+    assert cli_main(["report", str(tmp_path / "nothing")]) == 2
+
+
 def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path):
     out = tmp_path / "fault"
     fedsparse_run(out, *DIGITS, "num-clients=4", "num-rounds=2", "strategy=ssfl", "sparsity=0.5",
