@@ -10,6 +10,7 @@ Images come back as float32 arrays shaped (N, C, H, W) in [0, 1] with int64 labe
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -252,22 +253,44 @@ def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3,
     raise ValueError(f"unknown partitioner '{kind}'")
 
 
+def partition_cache_dir() -> Path:
+    return Path(os.environ.get("FEDSPARSE_CACHE", Path.home() / ".cache" / "fedsparse")) / "partitions"
+
+
 @lru_cache(maxsize=8)
 def partition_indices(labels_key: tuple, kind: str, num_clients: int, seed: int, alpha: float,
                       classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
-    """Training-set indices of every client. `labels_key` is (dataset name, data root, train-subset)."""
-    from datasets import Dataset as HFDataset
-    from datasets.utils.logging import disable_progress_bar
+    """Training-set indices of every client. `labels_key` is (dataset name, data root, train-subset).
 
-    disable_progress_bar()
+    Kept in memory per process and on disk per machine: in a deployment every message runs in a fresh ClientApp
+    process, which would otherwise import `datasets` and redraw the partition each time.
+    """
     name, root, subset = labels_key
     labels = load_dataset(name, root).y_train
     if subset:
         labels = labels[:subset]
+    key = (name, len(labels), int(labels.sum()), kind, num_clients, seed, alpha, classes_per_client,
+           shards_per_client)
+    path = partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
+    if path.exists():
+        with np.load(path) as f:
+            return tuple(f[str(i)] for i in range(num_clients))
+    from datasets import Dataset as HFDataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
     table = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     part = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
     part.dataset = table
-    return tuple(np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients))
+    parts = tuple(np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients))
+    try:  # a cache that cannot be written is no error: the partition is deterministic anyway
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{str(i): p for i, p in enumerate(parts)})
+        tmp.replace(path)
+    except OSError as err:
+        log.debug("partition cache not written: %s", err)
+    return parts
 
 
 def client_split(cfg: dict, partition_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,13 +20,18 @@ def test_digits_loads_offline_as_16x16_images():
     assert len(ds.y_train) + len(ds.y_test) == 1797 and set(ds.y_test) == set(range(10))
 
 
-def test_partitions_are_deterministic_for_a_seed_and_cover_the_data():
+def test_partitions_are_deterministic_for_a_seed_and_cover_the_data(tmp_path, monkeypatch):
     cfg = resolve({"dataset": "digits", "num-clients": 8, "partitioner": "dirichlet", "dirichlet-alpha": 0.3})
-    first = [data.client_split(cfg, i) for i in range(8)]
+    monkeypatch.setenv("FEDSPARSE_CACHE", str(tmp_path / "a"))
     data.partition_indices.cache_clear()
-    again = [data.client_split(cfg, i) for i in range(8)]
-    for (a_train, a_val), (b_train, b_val) in zip(first, again):
-        assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
+    first = [data.client_split(cfg, i) for i in range(8)]
+    for cache in ("b", "a"):  # a fresh draw in an empty cache, then the one read back from disk
+        monkeypatch.setenv("FEDSPARSE_CACHE", str(tmp_path / cache))
+        data.partition_indices.cache_clear()
+        again = [data.client_split(cfg, i) for i in range(8)]
+        for (a_train, a_val), (b_train, b_val) in zip(first, again):
+            assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
+    assert len(list((tmp_path / "b").rglob("*.npz"))) == 1
     other = [data.client_split({**cfg, "seed": 7}, i)[0] for i in range(8)]
     assert any(not np.array_equal(a[0], b) for a, b in zip(first, other))
     everything = np.concatenate([np.concatenate(s) for s in first])
