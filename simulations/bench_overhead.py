@@ -63,11 +63,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--partitioner", default="dirichlet", help="iid gives every client the same work")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="results/bench_overhead")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    cfg = resolve({"strategy": "fedavg", "dataset": args.dataset, "num-clients": args.clients,
+    cfg = resolve({"strategy": "fedavg", "dataset": args.dataset, "partitioner": args.partitioner,
+                   "num-clients": args.clients,
                    "num-rounds": args.rounds, "fraction-train": 1.0, "local-epochs": 1, "momentum": 0.9,
                    "output-dir": str(out / "ray")})
 
@@ -83,6 +85,7 @@ def main() -> None:
     seq_steady = sum(seq_rounds[1:]) / max(len(seq_rounds) - 1, 1)
     result = {
         "clients": args.clients, "rounds": args.rounds, "dataset": args.dataset, "cpus": args.cpus,
+        "partitioner": args.partitioner,
         "ray_round_seconds": ray_rounds, "sequential_round_seconds": seq_rounds,
         "ray_startup_and_teardown_seconds": wall - sum(ray_rounds),
         "ray_steady_round_seconds": ray_steady, "sequential_steady_round_seconds": seq_steady,
