@@ -53,6 +53,7 @@ def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
 def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path, title: str = "") -> None:
     """Accuracy against round and against cumulative megabytes (both directions, one-off costs included)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,6 +71,8 @@ def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path,
     ax1.set_xlabel("round")
     ax2.set_xlabel("cumulative MB on the wire (down + up)")
     ax2.set_xscale("log")
+    for axis in (ax2.xaxis.set_major_formatter, ax2.xaxis.set_minor_formatter):  # 30, 40, 100, not 3x10^1
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))
     for ax in (ax1, ax2):
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)

@@ -59,6 +59,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,6 +80,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set_xlabel("sparsity")
     ax2.set_xlabel("total MB on the wire")
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     for ax in (ax1, ax2):
         ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
