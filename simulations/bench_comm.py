@@ -234,7 +234,7 @@ def plot_bytes(rows: list[dict], path: Path) -> None:
         ax.barh(y + 0.2, [r["up"] / 1e6 for r in mine], 0.4, label="up")
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+        log_x(ax)
         ax.set_xlabel("MB per round per client (serialized)")
         ax.set_title(f"{model} ({mine[0]['params']:,} parameters)")
         ax.grid(alpha=0.3, axis="x")
@@ -242,6 +242,15 @@ def plot_bytes(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def log_x(ax) -> None:
+    """Log x axis labelled 30, 100, 300 rather than 3x10^1 (minor labels overlapped the major ones)."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 # --------------------------------------------------------------------------------- b. runs under slow links
@@ -319,7 +328,7 @@ def plot_runs(folders: list[Path], target: float, bytes_path: Path, time_path: P
         summary, curve = run_curve(folder, None)
         ax.plot([b / 1e6 for b, _, _ in curve], [100 * a for _, _, a in curve], marker=".",
                 label=run_label(summary, folder))
-    ax.set_xscale("log")
+    log_x(ax)
     ax.set_xlabel("cumulative MB on the wire, all clients (down + up, one-off included)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -335,7 +344,7 @@ def plot_runs(folders: list[Path], target: float, bytes_path: Path, time_path: P
             ax.plot([s for _, s, _ in curve], [100 * a for _, _, a in curve], marker=".",
                     label=run_label(summary, folder))
         ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
-        ax.set_xscale("log")
+        log_x(ax)
         ax.set_xlabel("simulated seconds (compute + transfer)")
         ax.set_title(f"{rate} Mbit/s symmetric links")
         ax.grid(alpha=0.3)
