@@ -21,10 +21,11 @@ def check_resources(cfg: dict) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise RuntimeError(f"config key 'client-num-gpus': {cfg['client-num-gpus']} GPUs asked for, but torch sees no CUDA GPU here; "
-                               "set client-num-gpus=0")
+            raise RuntimeError(f"config key 'client-num-gpus': {cfg['client-num-gpus']} GPUs asked for, but torch "
+                               "sees no CUDA GPU here; set client-num-gpus=0")
     if cfg["client-num-cpus"] > (os.cpu_count() or 1):
-        raise RuntimeError(f"config key 'client-num-cpus': {cfg['client-num-cpus']} asked for, but this machine has {os.cpu_count()} CPUs")
+        raise RuntimeError(f"config key 'client-num-cpus': {cfg['client-num-cpus']} asked for, but this machine "
+                           f"has {os.cpu_count()} CPUs")
 
 
 def preflight(cfg: dict) -> None:
@@ -41,8 +42,9 @@ def preflight(cfg: dict) -> None:
     try:
         client_split(cfg, 0)  # draws every client's partition (cached for the run)
     except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot balance
-        raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {len(ds.y_train[: cfg['train-subset'] or None])} examples "
-                          f"over {cfg['num-clients']} clients failed: {err}") from err
+        n = len(ds.y_train[: cfg["train-subset"] or None])
+        raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {n} examples over "
+                          f"{cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
     if cfg["strategy"] in ("ssfl", "random", "magnitude"):
         layout = Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["mask-layers"].split(","))))
@@ -94,7 +96,8 @@ def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None) ->
         "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "error"},
     }
-    _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app,
-                    server_app=server_app, backend_config=backend_config, server_app_context=context,
+    _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, backend_config=backend_config,
+                    server_app_context=context,
                     app_dir=str(app_dir), run=run, is_app=True)
 

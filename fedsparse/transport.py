@@ -3,8 +3,8 @@
 A payload is an ArrayRecord with two 1-D arrays: `values` (the masked weights in mask order) and `dense` (every
 tensor that is not masked, concatenated). Dense FedAvg is the same payload with no mask: everything is `dense`.
 Down, the payload carries the global weights; up, the client's update to them (trained minus received), so that
-a low-precision format rounds the small update rather than the weight. Both arrays travel as `value-dtype`; bfloat16 travels as its raw 16-bit words (uint16), because np.save, which
-Flower's Array uses, cannot write bfloat16.
+a low-precision format rounds the small update rather than the weight. Both arrays travel as `value-dtype`;
+bfloat16 travels as its raw 16-bit words (uint16), because np.save, which Flower's Array uses, cannot write it.
 
 `read_payload` checks a client's reply before anything is aggregated and raises ReplyError with the reason.
 """

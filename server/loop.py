@@ -49,6 +49,7 @@ def dense_round_bytes(layout: sparse.Layout, strategy) -> int:
     payload = transport.make_payload(values, dense, "float32").count_bytes()
     config = strategy.train_config(1)
     config["mask-fingerprint"] = sparse.NO_MASK
+    config["value-dtype"] = "float32"
     return 2 * payload + config.count_bytes()
 
 
