@@ -47,6 +47,11 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
+def shared_roots() -> list[Path]:
+    """Where `../shared/data` may be: beside the checkout, or beside the working directory."""
+    return [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
 def search_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched, in order (the download target is the first writable of these or ~/.cache)."""
     roots = []
@@ -54,8 +59,7 @@ def search_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
         roots.append(Path(data_root))
     if os.environ.get("FEDSPARSE_DATA"):
         roots.append(Path(os.environ["FEDSPARSE_DATA"]))
-    roots.append(REPO_ROOT.parent / "shared" / "data")
-    roots.append(Path.cwd().parent / "shared" / "data")
+    roots.extend(shared_roots())
     seen, unique = set(), []
     for r in roots:
         key = str(r.resolve()) if r.exists() else str(r)
@@ -124,8 +128,8 @@ def _torchvision(name: str, roots: list[Path]) -> Dataset:
         "cifar10": torchvision.datasets.CIFAR10,
         "cifar100": torchvision.datasets.CIFAR100,
     }[name]
-    explicit = [r for r in roots if "shared" not in r.parts]  # data-root or $FEDSPARSE_DATA, if given
-    target = explicit[0] if explicit else Path.home() / ".cache" / "fedsparse"
+    # download into data-root or $FEDSPARSE_DATA when given (they come first), never into ../shared
+    target = roots[0] if roots[0] not in shared_roots() else Path.home() / ".cache" / "fedsparse"
     try:
         train = cls(str(target), train=True, download=True)
         test = cls(str(target), train=False, download=True)

@@ -83,15 +83,3 @@ def logical_payload_bytes(layout: Layout, masks: Masks | None, value_dtype: str)
     """Values x bytes per value, without any header."""
     return sum(num_values(layout, masks)) * VALUE_BYTES[value_dtype]
 
-
-def npy_header_bytes(n: int, dtype: np.dtype) -> int:
-    """Bytes np.save spends on the header of a 1-D array of n elements (a multiple of 64; usually 128)."""
-    return len(Array(np.zeros(n, dtype=dtype)).data) - n * np.dtype(dtype).itemsize
-
-
-def payload_bytes_formula(layout: Layout, masks: Masks | None, value_dtype: str) -> int:
-    """Serialized size of one payload: per array its npy header, its data and its key (what count_bytes adds)."""
-    n_values, n_dense = num_values(layout, masks)
-    dt = WIRE_DTYPES[value_dtype]
-    return sum(npy_header_bytes(n, dt) + n * dt.itemsize + len(key)
-               for key, n in (("values", n_values), ("dense", n_dense)))

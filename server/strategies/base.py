@@ -30,9 +30,6 @@ class Traffic:
     logical_down: int = 0
     logical_up: int = 0
 
-    def total(self) -> int:
-        return self.down + self.up
-
     def add(self, other: Traffic) -> None:
         for k, v in vars(other).items():
             setattr(self, k, getattr(self, k) + v)
