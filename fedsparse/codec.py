@@ -22,6 +22,14 @@ Wire format, little endian::
 Streams are padded with zero bits to whole bytes. Every length follows from the header, so a buffer of the
 wrong length is rejected before any payload is read, and the element count is checked against the caller's
 ``max_elements`` before anything is allocated.
+
+Allocation bound: nothing a decoder allocates may grow faster than the buffer it was given, whatever
+``max_elements`` the caller passes. ``read_header`` and ``decode_sparse`` allocate at most a fixed multiple of
+``len(buf)`` (every index or value they build was paid for by bits in the buffer: a bitmap holds 8 entries a
+byte, a Rice stream at least one bit per code). ``decode`` must also build the dense tensor, and a Rice buffer
+declares the zeros after its last kept entry for free (a 31-byte header can declare 2**47 of them), so ``decode``
+refuses a tensor of more than ``dense_output_limit(len(buf))`` elements: 2**16 per buffer byte (a 31-byte header
+decodes to at most 2,031,616 zeros, 8 MiB). ``decode_sparse`` decodes sparser buffers without building the zeros.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _MAX_SCALE = _F32_MAX / 127  # larger, and 127 * scale overflows float32
 _FIXED = "<2sBBBB"  # magic, version, layout, value format, ndim
 _RICE_LEN_BYTES = 8  # the u64 unary length, only in rice headers
+DENSE_OUTPUT_PER_BYTE = 2**16  # decode() builds at most this many elements per byte of buffer
 
 
 class CodecError(ValueError):
@@ -336,9 +345,24 @@ def read_header(buf: bytes, *, max_elements: int) -> Header:
     return header
 
 
+def dense_output_limit(buffer_bytes: int) -> int:
+    """The most elements `decode` will allocate for a buffer of `buffer_bytes` bytes (see the module docstring)."""
+    return DENSE_OUTPUT_PER_BYTE * buffer_bytes
+
+
 def decode(buf: bytes, *, max_elements: int) -> np.ndarray:
-    """Decode to a float32 array of the original shape; hostile input raises CodecError."""
-    header, idx, vals = _decode_parts(buf, max_elements)
+    """Decode to a float32 array of the original shape; hostile input raises CodecError.
+
+    The dense result is refused (CodecError) when it has more than `dense_output_limit(len(buf))` elements,
+    whatever `max_elements` allows: use `decode_sparse` for buffers that sparse.
+    """
+    header = read_header(buf, max_elements=max_elements)
+    size = len(memoryview(buf).cast("B"))
+    limit = dense_output_limit(size)
+    if header.numel > limit:
+        raise CodecError(f"a {size}-byte buffer declares {header.numel} elements, more "
+                         f"than the {limit} decode() allocates for it; decode_sparse() reads it without the zeros")
+    idx, vals = _decode_parts(buf, header)
     if idx is None:
         return vals.reshape(header.shape)
     out = np.zeros(header.numel, dtype=np.float32)
@@ -351,15 +375,15 @@ def decode_sparse(buf: bytes, *, max_elements: int) -> tuple[tuple[int, ...], np
 
     A ``dense`` buffer sent every entry, so all indices come back.
     """
-    header, idx, vals = _decode_parts(buf, max_elements)
-    if idx is None:
+    header = read_header(buf, max_elements=max_elements)
+    idx, vals = _decode_parts(buf, header)
+    if idx is None:  # dense layout: numel == kept, paid for by the values in the buffer
         idx = np.arange(header.numel, dtype=np.int64)
     return header.shape, idx, vals
 
 
-def _decode_parts(buf: bytes, max_elements: int) -> tuple[Header, np.ndarray | None, np.ndarray]:
-    """Header, indices (None for dense) and float32 values."""
-    header = read_header(buf, max_elements=max_elements)
+def _decode_parts(buf: bytes, header: Header) -> tuple[np.ndarray | None, np.ndarray]:
+    """Indices (None for dense) and float32 values of a buffer whose header `read_header` has checked."""
     view = memoryview(buf).cast("B")
     pos = header.header_bytes
     idx = None
@@ -378,7 +402,7 @@ def _decode_parts(buf: bytes, max_elements: int) -> tuple[Header, np.ndarray | N
     wire = np.frombuffer(view, dtype=_WIRE_DTYPES[header.value_format], count=header.kept, offset=pos)
     if header.value_format == "int8" and np.any(wire == -128):
         raise CodecError("int8 value -128 is outside the symmetric range [-127, 127]")
-    return header, idx, _dequantize(wire, header.value_format, header.scale)
+    return idx, _dequantize(wire, header.value_format, header.scale)
 
 
 def _dequantize(wire: np.ndarray, value_format: str, scale: float | None) -> np.ndarray:

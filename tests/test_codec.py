@@ -405,3 +405,71 @@ def test_valid_hand_written_rice_stream_decodes():
     buf += struct.pack("<2f", 1.5, -2.0)
     shape, idx, vals = decode_sparse(buf, max_elements=10)
     assert shape == (10,) and idx.tolist() == [2, 3] and vals.tolist() == [1.5, -2.0]
+
+
+# ------------------------------------------------------------------------------------------ allocation bound
+
+
+def peak_allocation(fn) -> tuple[int, object]:
+    """(peak bytes traced while `fn()` runs, its result or the CodecError it raised)."""
+    tracemalloc.start()
+    try:
+        try:
+            result = fn()
+        except CodecError as err:
+            result = err
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("n", [2**21 + 1, 2**40, 2**47, 2**48])
+def test_rice_header_declaring_huge_zero_tail_allocates_nothing_large(n):
+    # 31 bytes: a rice header with no kept entry declares n zeros; max_elements lets anything through
+    buf = header("rice", "float32", (n,), 0, k=0, unary_bits=0)
+    assert len(buf) == 31
+    peak, result = peak_allocation(lambda: decode(buf, max_elements=2**62))
+    assert isinstance(result, CodecError) and "decode_sparse" in str(result)
+    assert peak < 100_000
+    peak, (shape, idx, vals) = peak_allocation(lambda: decode_sparse(buf, max_elements=2**62))
+    assert shape == (n,) and idx.size == 0 and vals.size == 0 and peak < 100_000
+
+
+def test_rice_stream_with_a_huge_tail_after_its_last_entry_is_refused_by_decode_only():
+    # entries 2 and 3 of n (the hand-written stream below), then n - 4 free zeros
+    n = 2**40
+    stream = header("rice", "float32", (n,), 2, k=1, unary_bits=3) + unary_bytes("100") + unary_bytes("00")
+    buf = stream + struct.pack("<2f", 1.5, -2.0)
+    peak, result = peak_allocation(lambda: decode(buf, max_elements=2**62))
+    assert isinstance(result, CodecError) and peak < 100_000
+    shape, idx, vals = decode_sparse(buf, max_elements=2**62)
+    assert shape == (n,) and idx.tolist() == [2, 3] and vals.tolist() == [1.5, -2.0]
+
+
+def test_dense_output_limit_boundary():
+    from fedsparse.codec import dense_output_limit
+
+    limit = 31 * 2**16  # a rice header alone is 31 bytes
+    buf = encode(np.zeros(limit, dtype=np.float32))
+    assert len(buf) == 31 and dense_output_limit(31) == limit
+    assert decode(buf, max_elements=2**62).shape == (limit,)
+    with pytest.raises(CodecError, match="decode_sparse"):
+        decode(encode(np.zeros(limit + 1, dtype=np.float32)), max_elements=2**62)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_decoders_allocate_in_proportion_to_the_buffer(data):
+    """Hostile headers of every layout with huge declared shapes: whatever happens, peak memory stays within a
+    fixed multiple of the buffer (plus decode's floor), never in proportion to the declared shape."""
+    layout = data.draw(st.sampled_from(["dense", "bitmap", "rice"]))
+    n = data.draw(st.integers(1, 2**48))
+    kept = data.draw(st.integers(0, 64))
+    k = data.draw(st.integers(0, 8)) if layout == "rice" else 0
+    unary = data.draw(st.integers(kept, kept + 64)) if layout == "rice" else None
+    body = data.draw(st.binary(min_size=0, max_size=512))
+    buf = header(layout, "float32", (n,), kept, k=k, unary_bits=unary) + body
+    sparse_peak, _ = peak_allocation(lambda: decode_sparse(buf, max_elements=2**62))
+    dense_peak, _ = peak_allocation(lambda: decode(buf, max_elements=2**62))
+    assert sparse_peak <= 100_000 + 256 * len(buf)
+    assert dense_peak <= 100_000 + 4 * 2**16 * len(buf)
