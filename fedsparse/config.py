@@ -7,6 +7,7 @@ training starts with a `ConfigError` that names the offending key and what it al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,16 @@ MODELS = ("cnn", "mlp", "resnet18")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-CLIENT_FAULTS = ("none", "wrong-length", "wrong-dtype", "nan", "missing-key", "stale-fingerprint")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
+
+# What `fedsparse run --resume DIR --set ...` may change: nothing that decides the model, the data or the clients'
+# work, only how long the run goes on and where and how fast it runs.
+RESUME_CHANGEABLE = ("num-rounds", "round-timeout", "device", "client-num-cpus", "client-num-gpus", "min-clients")
+# Not compared on resume: where the run folder is (a copied folder resumes) and the resume flag itself.
+RESUME_IGNORED = ("output-dir", "resume")
 
 
 class ConfigError(ValueError):
@@ -70,7 +80,8 @@ SCHEMA: dict[str, Key] = {
     "weight-decay": Key(float, 0.0, "SGD weight decay", check=lambda v: v >= 0, rule=">= 0"),
     "grad-clip": Key(float, 0.0, "clip the gradient norm to this (0 = off)", check=lambda v: v >= 0,
                      rule=">= 0"),
-    "seed": Key(int, 42, "seed for data split, init, sampling and training"),
+    "seed": Key(int, 42, "seed for data split, init, sampling and training",
+                check=lambda v: 0 <= v <= MAX_SEED, rule=f"in [0, {2**32 - 1}]"),
     # sparsity (ssfl, random, magnitude, topk)
     "sparsity": Key(float, 0.9, "fraction of maskable weights pruned", check=lambda v: 0.0 <= v < 1.0,
                     rule="in [0, 1)"),
@@ -91,15 +102,22 @@ SCHEMA: dict[str, Key] = {
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),
     "client-num-gpus": Key(float, 0.0, "GPUs per simulated client (fractions allowed)",
                            check=lambda v: v >= 0, rule=">= 0"),
-    "round-timeout": Key(float, 3600.0, "seconds to wait for client replies each round", check=lambda v: v > 0,
-                         rule="> 0"),
+    "round-timeout": Key(float, 900.0, "seconds to wait for the replies of one exchange (a round's training, the "
+                         "saliency query, a mask install)", check=lambda v: v > 0, rule="> 0"),
+    "connect-timeout": Key(float, 120.0, "seconds to wait for min-clients (else num-clients) nodes to connect "
+                           "before the first round", check=lambda v: v > 0, rule="> 0"),
     "min-clients": Key(int, 0, "wait for this many connected clients before starting (0 = num-clients)",
                        check=lambda v: v >= 0, rule=">= 0"),
-    "output-dir": Key(str, "results/latest", "where results and checkpoints go"),
+    "output-dir": Key(str, "results/latest", "where results and checkpoints go",
+                      check=lambda v: bool(v.strip()), rule="a non-empty path"),
     "resume": Key(bool, False, "continue from the checkpoint in output-dir"),
-    # test-only fault injection: a client that answers with a malformed sparse reply
-    "fault-partition": Key(int, -1, "test only: partition id of the misbehaving client (-1 = none)"),
-    "client-fault": Key(str, "none", "test only: how the misbehaving client breaks its reply", CLIENT_FAULTS),
+    # robustness of the aggregation (every strategy's train replies)
+    "aggregation": Key(str, "mean", "how client updates are combined: example-weighted mean, coordinate-wise "
+                       "median, or trimmed mean (the last two unweighted)", AGGREGATIONS),
+    "trim-fraction": Key(float, 0.1, "trimmed-mean: share of the values dropped at each end, per coordinate",
+                         check=lambda v: 0.0 <= v < 0.5, rule="in [0, 0.5)"),
+    "max-update-norm-ratio": Key(float, 50.0, "reject an update whose L2 norm exceeds this times the round's "
+                                 "median update norm (0 = off)", check=lambda v: v >= 0, rule=">= 0"),
 }
 
 
@@ -145,6 +163,8 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg[name] = _coerce(name, SCHEMA[name], value)
     for name, key in SCHEMA.items():
         value = cfg[name]
+        if key.type is float and not math.isfinite(value):
+            raise ConfigError(f"config key '{name}': {value!r} is not a finite number")
         if key.choices is not None and value not in key.choices:
             raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(key.choices)}")
         if key.check is not None and not key.check(value):
@@ -152,12 +172,32 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     layers = [x.strip() for x in cfg["mask-layers"].split(",") if x.strip()]
     if not layers or any(x not in ("conv", "linear") for x in layers):
         raise ConfigError(f"config key 'mask-layers': {cfg['mask-layers']!r} must be a comma list of conv, linear")
+    cfg["mask-layers"] = ",".join(layers)  # "conv, linear" -> "conv,linear": every reader splits on ","
     if cfg["fraction-train"] * cfg["num-clients"] < 1.0:
         raise ConfigError(
             f"config key 'fraction-train': {cfg['fraction-train']} x num-clients {cfg['num-clients']} "
             "samples no client; raise it to at least 1/num-clients"
         )
+    if cfg["min-clients"] > cfg["num-clients"]:
+        raise ConfigError(f"config key 'min-clients': {cfg['min-clients']} is more than num-clients "
+                          f"{cfg['num-clients']}; the run would wait for clients that never come")
     return cfg
+
+
+def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Keys whose value in `wanted` differs from the run `saved` in a way resume must refuse, sorted.
+
+    Keys in RESUME_CHANGEABLE and RESUME_IGNORED may differ. A key missing from `saved` (the run predates it)
+    counts as its default; a key that is no longer in the schema is ignored. `num-rounds` may only grow, which
+    the caller checks against the rounds already done.
+    """
+    conflicts = []
+    for name, key in SCHEMA.items():
+        if name in RESUME_CHANGEABLE or name in RESUME_IGNORED:
+            continue
+        if saved.get(name, key.default) != wanted.get(name, key.default):
+            conflicts.append(name)
+    return conflicts
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:

@@ -17,6 +17,12 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the checkout: holds server/,
 
 def check_resources(cfg: dict) -> None:
     """Fail before Ray starts when the machine cannot give what the config asks for."""
+    if cfg["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("config key 'device': cuda asked for, but torch sees no CUDA GPU here; "
+                               "set device=auto or device=cpu")
     if cfg["client-num-gpus"] > 0:
         import torch
 
@@ -28,17 +34,50 @@ def check_resources(cfg: dict) -> None:
                            f"has {os.cpu_count()} CPUs")
 
 
+def check_output_dir(cfg: dict) -> None:
+    """`output-dir` is a folder this process can write (created if missing); ConfigError naming the key if not."""
+    from fedsparse.config import ConfigError
+
+    out = Path(cfg["output-dir"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config key 'output-dir': {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fedsparse-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"config key 'output-dir': cannot write to {out}: {err.strerror or err}") from err
+
+
+def check_split(cfg: dict, num_examples: int, num_classes: int) -> None:
+    """Settings a partitioner would fail on, named before it runs (flwr-datasets' own errors name no key)."""
+    from fedsparse.config import ConfigError
+
+    if cfg["num-clients"] > num_examples // 2:
+        raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {num_examples} examples")
+    if cfg["partitioner"] == "shard" and cfg["num-clients"] * cfg["shards-per-client"] > num_examples:
+        raise ConfigError(f"config key 'shards-per-client': {cfg['num-clients']} clients x "
+                          f"{cfg['shards-per-client']} shards is more shards than the {num_examples} examples; "
+                          f"at most {num_examples // cfg['num-clients']}")
+    if cfg["partitioner"] == "pathological" and cfg["classes-per-client"] > num_classes:
+        raise ConfigError(f"config key 'classes-per-client': {cfg['classes-per-client']} is more than the "
+                          f"{num_classes} classes of {cfg['dataset']}")
+
+
 def preflight(cfg: dict) -> None:
-    """Everything that can fail before Ray starts: the dataset is found, the model builds, a mask of the asked
-    density is possible, the resources exist. Raises ConfigError / DatasetNotFound / RuntimeError."""
+    """Everything that can fail before Ray starts: the dataset is found, the split is possible, the model builds
+    and has maskable weights, a mask of the asked density is possible, the resources exist, a resumed run's files
+    are sound and its settings may change as asked, and output-dir can be written (checked last: it creates the
+    folder). Raises ConfigError (ResumeError for a run folder) / DatasetNotFound."""
     from fedsparse.config import ConfigError
     from fedsparse.data import client_split, load_dataset
     from fedsparse.models import build_model, maskable_names
+    from fedsparse.resume import load_for_resume
     from fedsparse.sparse import Layout, MaskError, check_density
 
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
-    if cfg["num-clients"] > len(ds.y_train[: cfg["train-subset"] or None]) // 2:
-        raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {len(ds.y_train)} examples")
+    check_split(cfg, len(ds.y_train[: cfg["train-subset"] or None]), ds.num_classes)
     try:
         client_split(cfg, 0)  # draws every client's partition (cached for the run)
     except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot balance
@@ -47,7 +86,11 @@ def preflight(cfg: dict) -> None:
                           f"{cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
     if cfg["strategy"] in ("ssfl", "random", "magnitude"):
-        layout = Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["mask-layers"].split(","))))
+        names = maskable_names(model, tuple(x.strip() for x in cfg["mask-layers"].split(",")))
+        if not names:
+            raise ConfigError(f"config key 'mask-layers': model {cfg['model']} has no {cfg['mask-layers']} weights "
+                              f"for a {cfg['strategy']} mask")
+        layout = Layout.of(model.state_dict(), names)
         try:
             check_density(layout, 1.0 - cfg["sparsity"], cfg["mask-scope"])
         except MaskError as err:
@@ -56,20 +99,33 @@ def preflight(cfg: dict) -> None:
         check_resources(cfg)
     except RuntimeError as err:
         raise ConfigError(str(err)) from err
+    if cfg["resume"]:
+        load_for_resume(cfg)
+    check_output_dir(cfg)
 
 
-def load_apps(app_dir: Path = APP_DIR) -> tuple[Any, Any]:
+DEFAULT_CLIENT_APP = "client.client_app:app"
+
+
+def load_apps(app_dir: Path = APP_DIR, client_app: str = DEFAULT_CLIENT_APP) -> tuple[Any, Any]:
+    """(ServerApp, ClientApp) of the checkout in `app_dir`; `client_app` = "MODULE:ATTR" picks another ClientApp
+    (tests use "tests.faults:app", ours wrapped with a fault-injecting mod)."""
     if not (app_dir / "server" / "server_app.py").exists():
         raise FileNotFoundError(f"{app_dir} holds no server/server_app.py: pass the fedsparse checkout as app dir")
+    module_name, sep, attr = client_app.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"client app must be 'MODULE:ATTR', got {client_app!r}")
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))
     server = importlib.import_module("server.server_app").app
-    client = importlib.import_module("client.client_app").app
+    client = getattr(importlib.import_module(module_name), attr)
     return server, client
 
 
-def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None) -> None:
-    """Run one simulation with `cfg` (already resolved) on a local Ray cluster; raises if the run fails."""
+def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None,
+             client_app: str = DEFAULT_CLIENT_APP) -> None:
+    """Run one simulation with `cfg` (already resolved) on a local Ray cluster; raises if the run fails.
+    `client_app` ("MODULE:ATTR") replaces our ClientApp, e.g. by the test-only fault mod's."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Flower's public run_simulation() cannot take a run config (context.run_config is empty there); its
@@ -84,7 +140,7 @@ def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None) ->
     from flwr.supercore.telemetry import EventType
 
     check_resources(cfg)
-    server_app, client_app = load_apps(app_dir)
+    server_app, client = load_apps(app_dir, client_app)
     run = Run.create_empty(run_id=abs(hash((cfg["seed"], cfg["output-dir"]))) % (2**63))
     run.override_config = dict(cfg)
     run.primary_task_id = 1
@@ -97,7 +153,7 @@ def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None) ->
                       "logging_level": "error"},
     }
     _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=server_app, backend_config=backend_config,
+                    client_app=client, server_app=server_app, backend_config=backend_config,
                     server_app_context=context,
                     app_dir=str(app_dir), run=run, is_app=True)
 

@@ -81,3 +81,109 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = ".venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q"
     assert command in readme and command in ci
+
+
+# ------------------------------------------------------------------ settings that used to pass and then fail
+
+FLOAT_KEYS = sorted(name for name, key in SCHEMA.items() if key.type is float)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+def test_every_float_key_refuses_non_finite_values(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'.*finite"):
+        resolve({key: value})
+
+
+@pytest.mark.parametrize("value", [1e20, -1, 2**32, "-5"])
+def test_seed_out_of_range_names_seed(value):
+    with pytest.raises(ConfigError, match="'seed'"):
+        resolve({"seed": value})
+
+
+def test_seed_range_ends_are_valid():
+    assert resolve({"seed": 0})["seed"] == 0
+    assert resolve({"seed": 2**32 - 1})["seed"] == 2**32 - 1
+
+
+def test_min_clients_above_num_clients_is_refused():
+    assert resolve({"num-clients": 5, "min-clients": 5})["min-clients"] == 5
+    with pytest.raises(ConfigError, match="'min-clients'.*num-clients 5"):
+        resolve({"num-clients": 5, "min-clients": 6})
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_output_dir_is_refused(value):
+    with pytest.raises(ConfigError, match="'output-dir'"):
+        resolve({"output-dir": value})
+
+
+def test_mask_layers_with_spaces_are_normalised():
+    assert resolve({"mask-layers": " conv , linear"})["mask-layers"] == "conv,linear"
+
+
+def preflight_error(tmp_path, **settings) -> str:
+    """The ConfigError preflight raises for digits with `settings` (hyphens spelled as underscores)."""
+    from fedsparse.simulation import preflight
+
+    overrides = {"dataset": "digits", "num-clients": 4, "output-dir": str(tmp_path / "out")}
+    overrides.update({k.replace("_", "-"): v for k, v in settings.items()})
+    with pytest.raises(ConfigError) as err:
+        preflight(resolve(overrides))
+    return str(err.value)
+
+
+def test_preflight_names_shards_per_client_when_shards_would_be_empty(tmp_path):
+    assert "'shards-per-client'" in preflight_error(tmp_path, partitioner="shard", shards_per_client=1000)
+    assert not (tmp_path / "out").exists()  # output-dir is created last, after every other check
+
+
+def test_preflight_names_classes_per_client_beyond_the_classes(tmp_path):
+    assert "'classes-per-client'" in preflight_error(tmp_path, partitioner="pathological", classes_per_client=11)
+
+
+def test_preflight_names_mask_layers_when_the_model_has_none(tmp_path):
+    message = preflight_error(tmp_path, model="mlp", strategy="ssfl", mask_layers="conv")
+    assert "'mask-layers'" in message and "mlp" in message
+
+
+def test_preflight_names_device_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "'device'" in preflight_error(tmp_path, device="cuda")
+
+
+def test_preflight_names_an_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "'output-dir'" in preflight_error(tmp_path, output_dir=str(tmp_path / "file"))
+    assert "'output-dir'" in preflight_error(tmp_path, output_dir=str(tmp_path / "file" / "below"))
+
+
+def test_preflight_names_an_output_dir_it_cannot_write(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes everywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert "'output-dir'" in preflight_error(tmp_path, output_dir=str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_cli_stops_a_bad_setting_before_ray(capsys, tmp_path, monkeypatch):
+    import fedsparse.simulation
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("simulate() was called")
+
+    monkeypatch.setattr(fedsparse.simulation, "simulate", no_ray)
+    for setting, key in [("shards-per-client=1000", "shards-per-client"), ("lr=inf", "lr"), ("seed=1e20", "seed"),
+                         ("seed=-1", "seed"), ("min-clients=5", "min-clients")]:
+        code = cli_main(["run", "--set", "dataset=digits", "num-clients=4", "partitioner=shard", setting,
+                         "--out", str(tmp_path / "o")])
+        assert code == 2 and f"'{key}'" in capsys.readouterr().err, setting
