@@ -3,6 +3,9 @@
 With masks, pruned weights stay exactly zero: their gradients are zeroed before the optimiser step (so momentum
 never builds up there), and the weights are multiplied by the mask after it (so weight decay, or any
 optimiser that moves a weight with zero gradient, cannot revive them).
+
+The optimiser comes from the registry `fedsparse.optim.OPTIMIZERS` (`TrainConfig.optimizer`, default "sgd", which
+is the same torch.optim.SGD call as before the registry existed: the SGD path is bit-identical).
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsparse.optim import build_optimizer
+
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Local training settings; `optimizer` names an entry of `fedsparse.optim.OPTIMIZERS`."""
+
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 0.0
+    optimizer: str = "sgd"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -50,12 +58,14 @@ def train_local(
     masks: dict[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
 ) -> float:
-    """Train `model` in place with SGD; returns the mean training loss. Deterministic for `seed` on CPU."""
+    """Train `model` in place with the optimiser `cfg.optimizer` names; returns the mean training loss.
+    Deterministic for `seed` on CPU."""
     device = device or torch.device("cpu")
     model.to(device).train()
     masks = {k: m.to(device=device, dtype=torch.float32) for k, m in (masks or {}).items()}
     params = dict(model.named_parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
