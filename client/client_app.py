@@ -1,6 +1,12 @@
-"""Flower ClientApp: routes every message action to its handler in `fedsparse.client.HANDLERS`."""
+"""Flower ClientApp: routes every message action to its handler in `fedsparse.client.HANDLERS`.
+
+`build_app(mods)` makes the same ClientApp with Flower mods around every handler (tests/faults.py wraps it with
+a fault-injecting mod); `app` is the plain one that pyproject.toml names.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from flwr.app import Context, Message
@@ -9,15 +15,15 @@ from flwr.clientapp import ClientApp
 from fedsparse.client import HANDLERS
 from fedsparse.config import resolve
 
-# Two simulated clients share two cores: one thread each avoids oversubscription, and keeps CPU results
-# bit-for-bit reproducible.
-torch.set_num_threads(1)
-
-app = ClientApp()
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
-def _route(message_type: str):
+def _route(message_type: str) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
+        # Set where clients run, not at import: two simulated clients share two cores (one thread each avoids
+        # oversubscription and keeps CPU results bit-for-bit reproducible), while the server process that
+        # imports this module keeps all its threads for aggregation and evaluation.
+        torch.set_num_threads(1)
         cfg = resolve(context.run_config)
         partition_id = int(context.node_config["partition-id"])
         content = HANDLERS[message_type](msg.content, context.state, cfg, partition_id)
@@ -26,6 +32,13 @@ def _route(message_type: str):
     return run
 
 
-for _message_type in HANDLERS:
-    _category, _, _action = _message_type.partition(".")
-    getattr(app, _category)(_action or "default")(_route(_message_type))
+def build_app(mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp with one route per handler in `fedsparse.client.HANDLERS`, wrapped by `mods`."""
+    client_app = ClientApp(mods=mods)
+    for message_type in HANDLERS:
+        category, _, action = message_type.partition(".")
+        getattr(client_app, category)(action or "default")(_route(message_type))
+    return client_app
+
+
+app = build_app()

@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[fedsparse] {cfg['strategy']} on {cfg['dataset']}/{cfg['model']}, {cfg['num-clients']} clients, "
           f"{cfg['num-rounds']} rounds -> {cfg['output-dir']}", file=sys.stderr, flush=True)
     try:
-        simulate(cfg, ray_cpus=args.ray_cpus)
+        simulate(cfg, ray_cpus=args.ray_cpus, client_app=args.client_app)
     except Exception as err:  # noqa: BLE001  (Flower re-raises whatever the ServerApp raised: report any)
         cause = err.__cause__ or err
         print(f"fedsparse: run failed: {type(cause).__name__}: {cause}", file=sys.stderr)
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="output directory (sets output-dir)")
     run.add_argument("--resume", metavar="DIR", help="continue the run whose results are in DIR")
     run.add_argument("--ray-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    run.add_argument("--client-app", default="client.client_app:app", metavar="MODULE:ATTR",
+                     help="the ClientApp to run (default: ours; tests pass tests.faults:app)")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="compare finished runs")
     rep.add_argument("dirs", nargs="+")

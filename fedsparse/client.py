@@ -5,7 +5,11 @@
 strategy that needs a new client action registers one here with `@handler("query.<name>")`.
 
 `state` is the node's Context.state: it keeps the installed mask between rounds (in deployment every message is
-a fresh process, so nothing else survives).
+a fresh process, so nothing else survives). A node whose state lost the mask (a restarted SuperNode) answers a
+sparse train message with `MaskMissing`, whose text carries `sparse.MASK_MISSING`: the server then re-installs.
+
+Every train reply echoes, in its `config` record, the round it answers (`server-round`) and the fingerprint of
+the mask it used (`mask-fingerprint`): the server rejects a reply bound to another round or mask.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.n
     return ds.x_train[idx], ds.y_train[idx]
 
 
+class MaskMissing(RuntimeError):
+    """The server sent values for a mask this node does not hold (never installed, or its state was lost)."""
+
+
 def installed_masks(state: RecordDict, layout: sparse.Layout) -> tuple[sparse.Masks, str] | None:
     if "mask" not in state:
         return None
@@ -71,7 +79,8 @@ def _masks_for(content: RecordDict, state: RecordDict, layout: sparse.Layout) ->
     installed = installed_masks(state, layout)
     if installed is None or installed[1] != wanted:
         have = installed[1] if installed else "none"
-        raise RuntimeError(f"server sent values for mask {wanted}, this client has mask {have}")
+        raise MaskMissing(f"{sparse.MASK_MISSING}: server sent values for mask {wanted}, this client has mask "
+                          f"{have}")
     return installed[0], wanted
 
 
@@ -128,10 +137,8 @@ def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) 
         # the update, not the weights: in float16/bfloat16 a weight would swallow a change below 1e-3 of it
         "arrays": transport.make_payload(values, dense, str(content["config"].get("value-dtype", "float32"))),
         "metrics": metrics,
-        "config": ConfigRecord({"mask-fingerprint": fp}),
+        "config": ConfigRecord({"mask-fingerprint": fp, "server-round": int(content["config"]["server-round"])}),
     })
-    if cfg["client-fault"] != "none" and cfg["fault-partition"] == partition_id:
-        corrupt_reply(reply, cfg["client-fault"])
     return reply
 
 
@@ -173,28 +180,6 @@ def install_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id
                        "metrics": MetricRecord({"partition-id": partition_id})})
 
 
-# ------------------------------------------------------------------------------------- test-only faults
-
-
-def corrupt_reply(reply: RecordDict, fault: str) -> None:
-    """Break a train reply the way a buggy or malicious client would (used by tests, never by default)."""
-    arrays = reply["arrays"]
-    values = arrays["values"].numpy()
-    if fault == "wrong-length":
-        arrays["values"] = Array(np.concatenate([values, values[:1]]))
-    elif fault == "wrong-dtype":
-        arrays["values"] = Array(values.astype(np.float64))
-    elif fault == "nan":
-        bad = values.astype(np.float32).copy()
-        bad[0] = np.nan
-        arrays["values"] = Array(bad.astype(values.dtype) if values.dtype != np.uint16 else
-                                 np.full_like(values, 0x7FC0))
-    elif fault == "missing-key":
-        del arrays["values"]
-    elif fault == "stale-fingerprint":
-        reply["config"] = ConfigRecord({"mask-fingerprint": "0000000000000000"})
-
-
 # ------------------------------------------------------------------------------- top-k with error feedback
 
 TOPK_KEY = "update"  # the one Array of a top-k reply
@@ -233,4 +218,5 @@ def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: 
     buf, residual = encode_topk_update(update, residual, cfg["topk-density"], dtype)
     state[TOPK_RESIDUAL] = ArrayRecord({"residual": Array(residual)})
     return RecordDict({"arrays": topk_arrays(buf), "metrics": metrics,
-                       "config": ConfigRecord({"mask-fingerprint": fp})})
+                       "config": ConfigRecord({"mask-fingerprint": fp,
+                                               "server-round": int(content["config"]["server-round"])})})

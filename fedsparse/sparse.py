@@ -18,6 +18,8 @@ State = dict[str, torch.Tensor]
 
 
 NO_MASK = "dense"  # the fingerprint of "no mask" (Flower cannot count an empty string in a ConfigRecord)
+# Text in a client's error when it holds no mask matching the server's: the server then re-installs the mask.
+MASK_MISSING = "no installed mask matches"
 
 
 class MaskError(ValueError):
@@ -169,3 +171,28 @@ def weighted_mean(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     for w, v in parts:
         out += (w / total) * v.double()
     return out.float()
+
+
+def coordinate_median(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-coordinate median of equally long vectors (for an even count, the mean of the two middle values),
+    computed in float64. Unweighted, as Flower's FedMedian: a robust aggregate ignores the claimed example counts."""
+    if not vectors:
+        raise ValueError("coordinate_median needs at least one vector")
+    stacked, _ = torch.sort(torch.stack([v.double() for v in vectors]), dim=0)
+    n = len(vectors)
+    if n % 2:
+        return stacked[n // 2].float()
+    return ((stacked[n // 2 - 1] + stacked[n // 2]) / 2).float()
+
+
+def trimmed_mean(vectors: list[torch.Tensor], trim_fraction: float) -> torch.Tensor:
+    """Per-coordinate mean after dropping the floor(trim_fraction x n) smallest and as many largest values
+    (unweighted, as Flower's FedTrimmedAvg), computed in float64."""
+    if not vectors:
+        raise ValueError("trimmed_mean needs at least one vector")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(vectors)
+    cut = int(trim_fraction * n)
+    stacked, _ = torch.sort(torch.stack([v.double() for v in vectors]), dim=0)
+    return stacked[cut:n - cut].mean(dim=0).float()

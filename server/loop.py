@@ -5,6 +5,7 @@ with `resume=true` continues from round k+1 and ends with the same model as an u
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -12,10 +13,11 @@ from pathlib import Path
 import torch
 from flwr.app import Message, RecordDict
 
-from fedsparse import results, sparse, transport
+from fedsparse import replies, results, sparse, transport
 from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model, maskable_names
+from fedsparse.replies import NodeInfo, ReplyError
 from fedsparse.train import evaluate, pick_device
 from server.strategies import STRATEGIES
 from server.strategies.base import Channel, Traffic, sample_partitions
@@ -24,23 +26,64 @@ log = logging.getLogger("fedsparse")
 CHECKPOINT = "checkpoint.pt"
 
 
-def discover(grid, cfg: dict, channel: Channel) -> dict[int, int]:
-    """Wait for the clients, then ask each its partition id: {partition id: node id}."""
+class TrainingFailed(RuntimeError):
+    """The run could not train: every reply of a round was rejected, or the global model became unusable.
+    The checkpoint of the last good round stays, so the run can be resumed once the cause is fixed."""
+
+
+def wait_for_nodes(grid, cfg: dict) -> None:
+    """Wait up to `connect-timeout` seconds for `min-clients` (0: `num-clients`) nodes to connect."""
     wanted = cfg["min-clients"] or cfg["num-clients"]
-    deadline = time.monotonic() + cfg["round-timeout"]
+    deadline = time.monotonic() + cfg["connect-timeout"]
     while len(list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {wanted} clients connected in "
-                               f"{cfg['round-timeout']:.0f} s")
+            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {wanted} clients connected within "
+                               f"connect-timeout ({cfg['connect-timeout']:.0f} s): start more SuperNodes "
+                               "(flwr run: num-supernodes = num-clients) or lower min-clients")
         time.sleep(0.5)
-    node_ids = sorted(grid.get_node_ids())
-    replies = channel.send([Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in node_ids])
-    nodes = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in replies}
-    if not nodes:
+
+
+def discover(grid, cfg: dict, channel: Channel, known: dict[int, NodeInfo], max_examples: int
+             ) -> dict[int, NodeInfo]:
+    """Ask every node not in `known` its partition and example count (query.info); returns `known` updated.
+
+    A reply is read through `fedsparse.replies.read_info`. A partition claimed by a node still connected is kept
+    by that node; a partition whose node left is taken over by the newcomer (a restarted SuperNode with a new node
+    id). Every node dropped on the way is logged and recorded in the failures, none vanishes silently."""
+    connected = {int(n) for n in grid.get_node_ids()}
+    for gone in [n for n in known if n not in connected]:
+        log.info("node %s (partition %d) left the grid", gone, known[gone].partition_id)
+    new = sorted(connected - set(known))
+    if not new:
+        return known
+    answers = channel.send([Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in new])
+    claims: list[tuple[int, NodeInfo]] = []
+    for r in answers:
+        node_id = int(r.metadata.src_node_id)
+        try:
+            claims.append((node_id, replies.read_info(r.content, cfg["num-clients"], max_examples)))
+        except ReplyError as err:
+            channel.fail(node_id, f"dropped node: {err}", "query.info")
+    updated = dict(known)
+    for node_id, info in sorted(claims):
+        holder = next((n for n, i in updated.items() if i.partition_id == info.partition_id), None)
+        if holder is not None and holder in connected:
+            channel.fail(node_id, f"dropped node: it claims partition {info.partition_id}, already held by "
+                                  f"node {holder}", "query.info")
+            continue
+        if holder is not None:
+            del updated[holder]
+        updated[node_id] = info
+    if not updated:
         reasons = "; ".join(f["reason"][:300] for f in channel.failures[-3:])
-        raise RuntimeError(f"none of the {len(node_ids)} clients answered; last errors: {reasons}")
-    log.info("%d clients: partitions %s", len(nodes), sorted(nodes))
-    return nodes
+        raise RuntimeError(f"none of the {len(new)} clients answered; last errors: {reasons}")
+    log.info("%d clients: partitions %s", len(updated), sorted(i.partition_id for i in updated.values()))
+    return updated
+
+
+def partitions(known: dict[int, NodeInfo]) -> dict[int, int]:
+    """{partition id: node id} of the known nodes."""
+    return {info.partition_id: node_id for node_id, info in known.items()}
 
 
 def dense_round_bytes(layout: sparse.Layout, strategy) -> int:
@@ -90,25 +133,37 @@ def run_federation(grid, run_config: dict) -> dict:
         log.info("resuming %s after round %d", out, len(rows))
 
     channel = Channel(grid, cfg["round-timeout"], failures=failures)
-    nodes = discover(grid, cfg, channel)
+    wait_for_nodes(grid, cfg)
+    max_examples = len(ds.y_train[: cfg["train-subset"] or None])  # no client can hold more than the dataset
+    known = discover(grid, cfg, channel, {}, max_examples)
     oneoff.add(channel.take())
     dense_bytes = dense_round_bytes(layout, strategy)
     for server_round in range(len(rows) + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
+        known = discover(grid, cfg, channel, known, max_examples)  # nodes that joined since (none: no message)
+        strategy.known = known
+        nodes = partitions(known)
         state = strategy.setup(channel, nodes, state, server_round)
         oneoff.add(channel.take())  # discovery, saliency, mask install: not part of any round's traffic
         picked = [p for p in sample_partitions(cfg["num-clients"], cfg["fraction-train"], cfg["seed"], server_round)
                   if p in nodes]
         msgs = strategy.configure_train(server_round, state, [nodes[p] for p in picked])
-        replies = channel.send(msgs, logical_down=strategy.logical_bytes())
-        new_state, metrics = strategy.aggregate_train(server_round, replies, channel)
+        answers = channel.send(msgs, logical_down=strategy.logical_bytes())
+        strategy.note_client_errors(channel.client_errors)
+        new_state, metrics = strategy.aggregate_train(server_round, answers, channel)
         traffic = channel.take()
         if new_state is None:
-            log.error("round %d: every reply was rejected or failed; the global model is unchanged", server_round)
-        else:
-            state = new_state
+            for f in channel.failures:
+                f.setdefault("round", server_round)
+            raise TrainingFailed(f"round {server_round}: none of the {len(msgs)} train replies was accepted "
+                                 f"(see the failures logged above); the run cannot train. The checkpoint of round "
+                                 f"{server_round - 1} stays in {out}")
+        state = new_state
         model.load_state_dict(state)
         test_loss, test_acc = evaluate(model, ds.x_test, ds.y_test, device=device)
+        if not math.isfinite(test_loss):
+            raise TrainingFailed(f"round {server_round}: the global model gives a test loss of {test_loss}: it "
+                                 f"is unusable. The checkpoint of round {server_round - 1} stays in {out}")
         row = {"round": server_round, "test_loss": test_loss, "test_accuracy": test_acc,
                "train_loss": metrics["train_loss"], "clients": metrics["accepted"],
                "rejected": len(msgs) - metrics["accepted"], "seconds": time.perf_counter() - start,

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsparse import client, codec, sparse
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
+from fedsparse.replies import NodeInfo
 from fedsparse.results import read_rounds
 from server.strategies import STRATEGIES
 from server.strategies.base import Channel
@@ -27,6 +28,8 @@ def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16"):
     strategy = STRATEGIES["topk"](cfg, layout)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     strategy.global_state = state
+    strategy.server_round = 1  # the replies below answer round 1
+    strategy.known = {node: NodeInfo(node, 1000) for node in (1, 2, 3)}  # discovery: partition = node id
     return strategy, state
 
 
@@ -34,7 +37,7 @@ def topk_reply(node_id: int, n: int, buf: bytes):
     content = RecordDict({
         "arrays": client.topk_arrays(buf),
         "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": node_id}),
-        "config": ConfigRecord({"mask-fingerprint": sparse.NO_MASK}),
+        "config": ConfigRecord({"mask-fingerprint": sparse.NO_MASK, "server-round": 1}),
     })
     return reply_to(content, node_id, "train.topk")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Message, RecordDict
 
-from fedsparse import sparse, transport
+from fedsparse import replies, sparse, transport
 from server.strategies.base import Channel, ReplyError, sample_partitions, weighted_mean
 from server.strategies.masked import MaskedFedAvg
 
@@ -21,9 +21,9 @@ class SSFL(MaskedFedAvg):
         content = RecordDict({"arrays": transport.make_payload(torch.zeros(0), dense, "float32"),
                               "config": self.train_config(0)})
         msgs = [Message(content, dst_node_id=nodes[p], message_type="query.saliency") for p in asked if p in nodes]
-        replies = channel.send(msgs, logical_down=transport.logical_payload_bytes(self.layout, None, "float32"))
+        answers = channel.send(msgs, logical_down=transport.logical_payload_bytes(self.layout, None, "float32"))
         scores = []
-        for r in replies:
+        for r in answers:
             try:
                 scores.append(self.read_scores(r))
             except ReplyError as err:
@@ -40,17 +40,18 @@ class SSFL(MaskedFedAvg):
         return sparse.topk_mask(per_tensor, self.target_density, cfg["mask-scope"])
 
     def read_scores(self, reply: Message) -> tuple[int, int, torch.Tensor]:
-        content = reply.content
-        if "scores" not in content or "saliency" not in content["scores"]:
-            raise ReplyError("reply lacks scores")
-        arr = content["scores"]["saliency"]
+        """(partition id, num-examples, scores) of a valid saliency reply; ReplyError says why not."""
+        fields = replies.read_saliency(reply.content, self.known.get(int(reply.metadata.src_node_id)))
+        arr = fields.scores
         if arr.dtype != "float32" or tuple(arr.shape) != (self.layout.num_maskable,):
             raise ReplyError(f"scores must be float32 of shape ({self.layout.num_maskable},), got "
                              f"{arr.dtype} {tuple(arr.shape)}")
-        s = torch.from_numpy(arr.numpy().copy())
+        try:
+            s = torch.from_numpy(arr.numpy().copy())
+        except Exception as err:  # a garbled npy buffer
+            raise ReplyError(f"scores cannot be decoded: {err}") from err
+        if tuple(s.shape) != (self.layout.num_maskable,):
+            raise ReplyError(f"scores hold shape {tuple(s.shape)}, expected ({self.layout.num_maskable},)")
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise ReplyError("scores must be finite and non-negative")
-        n = content["metrics"].get("num-examples", 0)
-        if not isinstance(n, int) or n <= 0:
-            raise ReplyError(f"num-examples must be a positive integer, got {n!r}")
-        return int(content["metrics"].get("partition-id", -1)), n, s
+        return fields.partition_id, fields.num_examples, s
