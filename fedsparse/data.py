@@ -4,7 +4,13 @@ Lookup order for the files: an explicit `data_root`, `$FEDSPARSE_DATA`, `../shar
 Debian's `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`), then torchvision's download for users who
 have internet. `digits` ships inside scikit-learn and never touches the disk or the network.
 
-Images come back as float32 arrays shaped (N, C, H, W) in [0, 1] with int64 labels.
+Images come back as float32 arrays shaped (N, C, H, W) in [0, 1] with int64 labels, in an order with no class
+structure (the class-sorted CIFAR-10 JPEG subset is put through a fixed permutation), so `train-subset`'s prefix of
+N examples is representative.
+
+Client partitions are cached on disk under a key made of the labels' hash, every partitioner argument,
+`SPLIT_VERSION` and the versions of flwr-datasets, datasets, numpy and pyarrow: a cache written by other code or
+other libraries is never read, so what a machine has left behind cannot decide a result.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ log = logging.getLogger(__name__)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+JPEG_SUBSET_ORDER_SEED = 20240  # the fixed shuffle of the class-sorted CIFAR-10 JPEG subset
+# Bump whenever the way partitions are drawn changes (partitioner arguments, the index table, the sorting):
+# it is part of the on-disk cache key, so a cache left by older code is never read.
+SPLIT_VERSION = 2
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -158,6 +168,10 @@ def _cifar10(roots: list[Path]) -> Dataset:
         if train.exists() and test.exists():
             x, y = _read_cifar_zip(train)
             xt, yt = _read_cifar_zip(test)
+            # The zip lists its files sorted by class; CIFAR-10's own files are in random order. A fixed
+            # permutation restores that, so a `train-subset` prefix holds every class, not just airplanes.
+            order = np.random.default_rng(JPEG_SUBSET_ORDER_SEED).permutation(len(y))
+            x, y = x[order], y[order]
             log.warning("cifar10: using the JPEG subset in %s (10k train images), not the full set", folder)
             return Dataset("cifar10", _images(x), y, _images(xt), yt, 10, str(folder))
     return _torchvision("cifar10", roots)
@@ -257,6 +271,20 @@ def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3,
     raise ValueError(f"unknown partitioner '{kind}'")
 
 
+def partition_code_key() -> tuple[str, ...]:
+    """What, besides the labels and the arguments, decides a partition: SPLIT_VERSION and the versions of the
+    libraries that draw it. Part of the cache key, so a cache written under other code is never read."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("flwr-datasets", "datasets", "numpy", "pyarrow"):
+        try:
+            versions.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package} absent")
+    return (f"split-v{SPLIT_VERSION}", *versions)
+
+
 def partition_cache_dir() -> Path:
     return Path(os.environ.get("FEDSPARSE_CACHE", Path.home() / ".cache" / "fedsparse")) / "partitions"
 
@@ -273,8 +301,8 @@ def partition_indices(labels_key: tuple, kind: str, num_clients: int, seed: int,
     labels = load_dataset(name, root).y_train
     if subset:
         labels = labels[:subset]
-    key = (name, len(labels), int(labels.sum()), kind, num_clients, seed, alpha, classes_per_client,
-           shards_per_client)
+    key = (partition_code_key(), name, hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64)).hexdigest(),
+           kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
     path = partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
     if path.exists():
         with np.load(path) as f:

@@ -73,3 +73,62 @@ def test_fashion_mnist_from_shared_data():
     ds = data.load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert np.bincount(ds.y_test).tolist() == [1000] * 10
+
+
+def test_partition_cache_key_holds_the_split_version_and_library_versions():
+    from importlib.metadata import version
+
+    key = data.partition_code_key()
+    assert f"split-v{data.SPLIT_VERSION}" in key
+    assert f"flwr-datasets=={version('flwr-datasets')}" in key and f"numpy=={np.__version__}" in key
+
+
+def test_a_cache_left_by_other_code_is_never_read(tmp_path, monkeypatch):
+    cfg = resolve({"dataset": "digits", "num-clients": 6, "partitioner": "dirichlet"})
+    monkeypatch.setenv("FEDSPARSE_CACHE", str(tmp_path))
+    data.partition_indices.cache_clear()
+    truth = [data.client_split(cfg, i)[0] for i in range(6)]
+    (left_behind,) = tmp_path.rglob("*.npz")
+    np.savez(left_behind, **{str(i): np.arange(3) for i in range(6)})  # what other code might have cached
+    data.partition_indices.cache_clear()
+    assert data.client_split(cfg, 0)[0].size == 3  # the same code reads its own cache...
+    for change in ("SPLIT_VERSION", "library"):  # ...code that splits differently never does
+        if change == "SPLIT_VERSION":
+            monkeypatch.setattr(data, "SPLIT_VERSION", data.SPLIT_VERSION + 1)
+        else:
+            monkeypatch.setattr(data, "partition_code_key", lambda: ("split-vX", "flwr-datasets==0.0.0"))
+        data.partition_indices.cache_clear()
+        again = [data.client_split(cfg, i)[0] for i in range(6)]
+        assert all(np.array_equal(a, b) for a, b in zip(truth, again)), change
+    data.partition_indices.cache_clear()
+
+
+def test_cifar10_jpeg_subset_is_shuffled_by_a_fixed_permutation(tmp_path, monkeypatch):
+    # the loader on fake, class-sorted files (no JPEG decoding): its order is the fixed permutation
+    folder = tmp_path / "cifar10_jpeg"
+    folder.mkdir()
+    for name in ("cifar10_train_first1000perclass_jpeg.zip", "cifar10_test_jpeg.zip"):
+        (folder / name).write_bytes(b"")
+    sorted_labels = np.repeat(np.arange(10), 100)
+    fake_images = np.broadcast_to(sorted_labels[:, None, None, None], (1000, 2, 2, 3)).astype(np.uint8)
+    monkeypatch.setattr(data, "_read_cifar_zip", lambda path: (fake_images, sorted_labels))
+    ds = data._cifar10([tmp_path])
+    order = np.random.default_rng(data.JPEG_SUBSET_ORDER_SEED).permutation(1000)
+    assert np.array_equal(ds.y_train, sorted_labels[order])
+    assert np.array_equal(np.round(ds.x_train[:, 0, 0, 0] * 255), ds.y_train)  # images moved with their labels
+    assert np.bincount(ds.y_train[:100], minlength=10).min() >= 3  # a prefix of 100 holds every class
+    assert np.array_equal(ds.y_test, sorted_labels)  # the test set keeps its order
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10_jpeg").exists(), reason="../shared/data is absent")
+def test_cifar10_jpeg_subset_prefix_holds_every_class():
+    # the zip lists its 10k images sorted by class: a train-subset prefix used to be all airplanes
+    data.load_dataset.cache_clear()
+    ds = data.load_dataset("cifar10")
+    counts = np.bincount(ds.y_train[:400], minlength=10)
+    assert counts.min() >= 20, counts  # 40 expected per class; 31..47 with this fixed order
+    assert np.bincount(ds.y_train).tolist() == [1000] * 10
+    again = np.random.default_rng(data.JPEG_SUBSET_ORDER_SEED).permutation(10_000)
+    assert np.array_equal(ds.y_train, np.repeat(np.arange(10), 1000)[again])  # deterministic: a fixed permutation
+    data.load_dataset.cache_clear()
