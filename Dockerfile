@@ -9,12 +9,22 @@
 #
 #   docker build -t fedsparse:0.1.0 .                                   # CPU torch (default)
 #   docker build -t fedsparse:0.1.0-cuda --build-arg TORCH_INDEX_URL= .  # PyPI's CUDA build of torch
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim-bookworm
+#
+# BASE_IMAGE: any Debian-like image with Python 3.11 where `python` and `pip` on PATH are the interpreter to install
+# into (deploy/podman-check.sh builds one from Debian's packages with debootstrap, for machines that cannot pull).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # Extra index for torch/torchvision: the CPU wheels (no 2 GB of CUDA libraries); empty = PyPI's CUDA wheels.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG APP_UID=49999
+# pip's settings for this build only (build arguments are not kept in the image): a mirror or local index
+# (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS), a proxy's CA bundle (PIP_CERT), PIP_NO_INDEX.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_NO_INDEX
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -14,8 +14,9 @@
 #                             --superexec-auth-secret-file): only holders may pull ServerApp/ClientApp tasks
 #                             from the Runtime API, which shares the SuperLink's public port
 #
-# SANs: the SuperLink certificate is valid for DNS:superlink (compose service name), DNS:localhost and
-# IP:127.0.0.1, plus whatever SUPERLINK_SANS adds for a multi-host setup, e.g.
+# SANs: the SuperLink certificate (the edge proxy presents it too) is valid for DNS:superlink and DNS:edge
+# (compose service names), DNS:localhost and IP:127.0.0.1, plus whatever SUPERLINK_SANS adds for a multi-host
+# setup, e.g.
 #   SUPERLINK_SANS="DNS:fl.example.org,IP:10.0.0.5" deploy/gen-certs.sh
 # A client checks the name it dialled against the SAN list, so every address a SuperNode, SuperExec or the
 # flwr CLI uses to reach the SuperLink must be listed.
@@ -66,7 +67,7 @@ sign() {
   rm -f "$name.csr" "$ext"
 }
 
-sign superlink "DNS:superlink,DNS:localhost,IP:127.0.0.1${SUPERLINK_SANS:+,$SUPERLINK_SANS}"
+sign superlink "DNS:superlink,DNS:edge,DNS:localhost,IP:127.0.0.1${SUPERLINK_SANS:+,$SUPERLINK_SANS}"
 for ((i = 1; i <= supernodes; i++)); do
   sign "supernode-$i" "DNS:supernode-$i,DNS:localhost,IP:127.0.0.1"
 done

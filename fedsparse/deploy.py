@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from fedsparse import edge_proxy
 from fedsparse.config import ConfigError, parse_assignments, resolve
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml, server/, client/
 DEPLOY_DIR = APP_DIR / "deploy"  # gen-certs.sh, gen-keys.sh, register-supernodes.sh
-CONNECTION = "fedsparse-local"  # the connection name written to the CLI's config.toml
+CONNECTION = "fedsparse-local"  # the connection name written to the CLI's config.toml (the operator's)
+# With the edge proxy: the same CLI pointed at the proxy's public (Fleet-only) port, which must refuse it.
+PUBLIC_CONNECTION = "fedsparse-public"
 FINISHED_OK = "finished:completed"
 
 # The run the CLI submits when nothing is overridden: small enough for a laptop, sparse like the paper.
@@ -181,6 +184,7 @@ class SuperNode:
     key: Path | None  # private key for SuperNode authentication
     registered: bool
     home: Path  # its FLWR_HOME
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of its processes (e.g. a test fault)
     node_id: int | None = None  # known once the key is registered
     log_offset: int = 0  # size of its log when it was last started
     procs: list[Proc] = field(default_factory=list)
@@ -231,20 +235,27 @@ class LocalDeployment:
     `isolation="process"` starts the SuperExecs as separate processes (what docker-compose.yml does, one
     container each); `"subprocess"` lets SuperLink and SuperNodes spawn their own. `tls=False` is the
     equivalent of docker-compose.insecure.yml: no TLS and no SuperNode authentication (Flower refuses auth
-    without TLS).
+    without TLS). `edge_proxy=True` puts nginx in front of the SuperLink, as the compose `edge` service does
+    (see `fedsparse.edge_proxy`): SuperNodes dial its public port, which forwards only the Fleet API; the CLI
+    (connection CONNECTION) dials its operator port, which forwards only the Control API; the SuperExec still
+    dials the SuperLink itself. `node_env` maps a node index (1-based) to extra environment variables of that
+    SuperNode and its SuperExec, hence of its ClientApps (tests inject a fault this way).
     """
 
     def __init__(self, nodes: int = 3, workdir: str | os.PathLike | None = None, *, isolation: str = "process",
-                 tls: bool = True, app_dir: Path = APP_DIR, start_timeout: float = 90.0,
-                 log: Log | None = _print) -> None:
+                 tls: bool = True, edge_proxy: bool = False, app_dir: Path = APP_DIR, start_timeout: float = 90.0,
+                 node_env: dict[int, dict[str, str]] | None = None, log: Log | None = _print) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         if isolation not in ("process", "subprocess"):
             raise ValueError("isolation must be 'process' or 'subprocess'")
+        if edge_proxy and not tls:
+            raise ValueError("edge_proxy needs tls: the proxy terminates TLS with the deployment's certificates")
         self.num_nodes = nodes
         self.isolation = isolation
         self.tls = tls
-        self.auth = tls
+        self.edge = edge_proxy
+        self.node_env = {int(index): dict(env) for index, env in (node_env or {}).items()}
         self.app_dir = Path(app_dir).resolve()
         self.start_timeout = start_timeout
         self._sink = log or (lambda msg: None)
@@ -256,8 +267,12 @@ class LocalDeployment:
         self.cli_home = self.workdir / "cli"
         self.link_home = self.workdir / "superlink"
         self.runs_dir = self.workdir / "runs"
+        self.edge_dir = self.workdir / "edge-proxy"
         self.ports: set[int] = set()
-        self.port = 0
+        self.port = 0  # the SuperLink's
+        self.public_port = 0  # the edge proxy's Fleet-only port (0: no proxy)
+        self.operator_port = 0  # the edge proxy's Control-only port (0: no proxy)
+        self.edge_proc: Proc | None = None
         self.superlink: list[Proc] = []  # the SuperLink, then (process isolation) its SuperExec
         self.supernodes: list[SuperNode] = []
         self.runs: dict[int, dict] = {}
@@ -292,14 +307,22 @@ class LocalDeployment:
             self._script("gen-keys.sh", str(self.keys), "--supernodes", str(self.num_nodes))
         self.port = free_port(self.ports)
         self.start_superlink()
+        if self.edge:
+            self.start_edge_proxy()
         self._write_cli_config()
         for i in range(1, self.num_nodes + 1):
-            node = self._new_node(i, partition_id=i - 1, num_partitions=self.num_nodes, register=self.auth)
+            node = self._new_node(i, partition_id=i - 1, num_partitions=self.num_nodes, register=self.tls)
             self.start_supernode(node)
         self.wait_online([n for n in self.supernodes], timeout=self.start_timeout)
+        via = f", nodes via edge proxy 127.0.0.1:{self.public_port}" if self.edge else ""
         self.log(f"{self.num_nodes} SuperNodes online after {time.monotonic() - t0:.1f} s "
-                  f"(SuperLink 127.0.0.1:{self.port}, {'TLS + node auth' if self.tls else 'INSECURE'}, "
-                  f"isolation={self.isolation})")
+                 f"(SuperLink 127.0.0.1:{self.port}{via}, {'TLS + node auth' if self.tls else 'INSECURE'}, "
+                 f"isolation={self.isolation})")
+
+    @property
+    def fleet_address(self) -> str:
+        """The address SuperNodes dial: the edge proxy's public port, else the SuperLink itself."""
+        return f"127.0.0.1:{self.public_port if self.edge else self.port}"
 
     def stop(self) -> None:
         """Stop every process this deployment started, newest first (nodes before the link), by PID."""
@@ -324,13 +347,14 @@ class LocalDeployment:
         })
         return env
 
-    def _spawn(self, name: str, args: list[str], home: Path) -> Proc:
+    def _spawn(self, name: str, args: list[str], home: Path, extra_env: dict[str, str] | None = None) -> Proc:
         home.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
         with log_path.open("ab") as out:
             # A session of its own: Ctrl-C in the terminal reaches only us, and the group id is the pid.
             popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self._env(home), cwd=str(home), start_new_session=True)
+                                     env={**self._env(home), **(extra_env or {})}, cwd=str(home),
+                                     start_new_session=True)
         proc = Proc(name, popen, log_path)
         self._procs.append(proc)
         return proc
@@ -364,11 +388,28 @@ class LocalDeployment:
                 "--runtime-api-address", f"127.0.0.1:{self.port}"], self.link_home))
         self.log(f"SuperLink up on 127.0.0.1:{self.port} (pid {link.pid})")
 
-    def restart_superlink(self) -> None:
-        """Stop and start the SuperLink on the same port and database: runs and registered keys survive."""
-        for p in reversed(self.superlink):
-            p.stop()
-        self.start_superlink()
+    def start_edge_proxy(self) -> None:
+        """nginx on two fresh loopback ports: public (Fleet API only) and operator (Control API only)."""
+        nginx = edge_proxy.nginx_binary()
+        if nginx is None:
+            raise DeploymentError("edge_proxy=True needs nginx (Debian: apt-get install nginx-light)")
+        self.public_port, self.operator_port = free_port(self.ports), free_port(self.ports)
+        try:
+            edge_proxy.write_local_config(self.edge_dir, public_port=self.public_port,
+                                          operator_port=self.operator_port, superlink_port=self.port,
+                                          certs=self.certs)
+        except edge_proxy.EdgeProxyError as err:
+            raise DeploymentError(str(err)) from err
+        self.edge_proc = self._spawn("edge-proxy", [nginx, *edge_proxy.server_args(self.edge_dir)], self.edge_dir)
+        self._wait_port(self.edge_proc, self.public_port)
+        self._wait_port(self.edge_proc, self.operator_port)
+        self.log(f"edge proxy up: Fleet on 127.0.0.1:{self.public_port}, Control on 127.0.0.1:{self.operator_port} "
+                 f"(pid {self.edge_proc.pid})")
+
+    def edge_access_log(self) -> list[str]:
+        """The edge proxy's access log, one request a line ([] without a proxy)."""
+        path = self.edge_dir / "access.log"
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
 
     def _wait_port(self, proc: Proc, port: int) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -383,9 +424,13 @@ class LocalDeployment:
     def _write_cli_config(self) -> None:
         # The CLI's connection lives in $FLWR_HOME/config.toml; never in pyproject.toml, whose
         # [tool.flwr.federations] table `flwr run` would migrate by rewriting the file.
+        operator = self.operator_port if self.edge else self.port
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "127.0.0.1:{self.port}"']
+                 f'address = "127.0.0.1:{operator}"']
         lines.append(f'root-certificates = "{self.certs / "ca.crt"}"' if self.tls else "insecure = true")
+        if self.edge:
+            lines += ["", f"[superlink.{PUBLIC_CONNECTION}]", f'address = "127.0.0.1:{self.public_port}"',
+                      f'root-certificates = "{self.certs / "ca.crt"}"']
         (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def _new_node(self, index: int, partition_id: int, num_partitions: int, register: bool) -> SuperNode:
@@ -398,7 +443,7 @@ class LocalDeployment:
             key = self.keys / f"supernode-{index}"
         node = SuperNode(index=index, partition_id=partition_id, num_partitions=num_partitions,
                          port=free_port(self.ports), key=key, registered=False,
-                         home=self.workdir / f"supernode-{index}")
+                         home=self.workdir / f"supernode-{index}", env=self.node_env.get(index, {}))
         if register and key is not None:
             node.node_id = self.register_key(key.with_suffix(".pub"))
             node.registered = True
@@ -413,7 +458,7 @@ class LocalDeployment:
         return int(out["node-id"])
 
     def start_supernode(self, node: SuperNode, max_wait_time: float | None = None) -> SuperNode:
-        args = [self._bins["flower-supernode"], "--superlink", f"127.0.0.1:{self.port}", *self._tls_client_args(),
+        args = [self._bins["flower-supernode"], "--superlink", self.fleet_address, *self._tls_client_args(),
                 "--node-config", f"partition-id={node.partition_id} num-partitions={node.num_partitions}",
                 "--isolation", self.isolation, "--host", "127.0.0.1", "--port", str(node.port)]
         if node.key is not None:
@@ -427,14 +472,14 @@ class LocalDeployment:
                      *self._superexec_auth_args()]
         log_path = self.logs / f"{node.name}.log"
         node.log_offset = len(log_path.read_text(errors="replace")) if log_path.exists() else 0
-        node.procs = [self._spawn(node.name, args, node.home)]
+        node.procs = [self._spawn(node.name, args, node.home, node.env)]
         if self.isolation == "process":
             node.procs.append(self._spawn(f"superexec-{node.name}", [
                 self._bins["flower-superexec"], *self._tls_client_args(), *self._superexec_auth_args(),
-                "--runtime-api-address", f"127.0.0.1:{node.port}"], node.home))
+                "--runtime-api-address", f"127.0.0.1:{node.port}"], node.home, node.env))
         self.log(f"{node.name} started: partition {node.partition_id}/{node.num_partitions}, "
                   f"runtime port {node.port}, "
-                 f"{'no authentication' if not self.auth else 'key registered' if node.registered else 'key NOT registered'}"
+                 f"{'no authentication' if not self.tls else 'key registered' if node.registered else 'key NOT registered'}"
                   f"{f', node id {node.node_id}' if node.node_id else ''} (pid {node.procs[0].pid})")
         return node
 
@@ -452,7 +497,7 @@ class LocalDeployment:
         for p in node.procs:
             if p.alive():
                 p.stop()
-        if self.auth and node.node_id is not None:
+        if self.tls and node.node_id is not None:
             # The SuperLink refuses to activate a node id it still counts as online (a SuperNode that exits
             # refused does not retry), and a crashed node stays online until its heartbeat lapses: 2 x 30 s.
             deadline = time.monotonic() + 150
@@ -470,7 +515,7 @@ class LocalDeployment:
                       max_wait_time: float | None = 30.0) -> SuperNode:
         """One more SuperNode, with a fresh key that is registered only if asked (a refused node gives up
         after `max_wait_time` seconds of retrying and exits)."""
-        if not self.auth:
+        if not self.tls:
             raise DeploymentError("add_supernode(key_registered=...) needs TLS and node authentication")
         node = self._new_node(len(self.supernodes) + 1, partition_id, self.num_nodes, register=key_registered)
         return self.start_supernode(node, max_wait_time=max_wait_time)
@@ -504,9 +549,6 @@ class LocalDeployment:
             raise DeploymentError(f"flwr supernode ls failed: {out.get('error-message', out)}")
         return {int(n["node-id"]): n["status"] for n in out["nodes"]}
 
-    def online_count(self) -> int:
-        return sum(1 for s in self.node_states().values() if s == "online")
-
     def wait_online(self, nodes: list[SuperNode], timeout: float) -> None:
         """Until every node in `nodes` is online (by node id with auth, by count without).
 
@@ -521,7 +563,7 @@ class LocalDeployment:
                     raise DeploymentError(f"{bad.name} exited with code {bad.popen.returncode}:\n{bad.tail()}")
             if all(self._activated(n) for n in nodes):
                 states = self.node_states()
-                if self.auth:
+                if self.tls:
                     done = all(states.get(n.node_id) == "online" for n in nodes)
                 else:
                     done = sum(s == "online" for s in states.values()) >= len(nodes)
@@ -542,12 +584,13 @@ class LocalDeployment:
         return "SuperNode ID:" in text[node.log_offset:]
 
     # ---- runs
-    def submit(self, run_config: dict | None = None, timeout: float = 120.0) -> int:
+    def submit(self, run_config: dict | None = None, timeout: float = 120.0, app_dir: Path | None = None) -> int:
         """`flwr run` with these run-config overrides; returns the run id.
 
         num-clients and min-clients default to the number of SuperNodes (a run starts only when all are
         connected); output-dir defaults to a fresh folder under the deployment, and is made absolute because
-        the ServerApp's working directory is Flower's choice.
+        the ServerApp's working directory is Flower's choice. `app_dir` replaces the deployment's app folder for
+        this run (e.g. a copy whose pyproject.toml names another ClientApp).
         """
         overrides = {**DEFAULT_RUN, "num-clients": self.num_nodes, "min-clients": self.num_nodes,
                      **(run_config or {})}
@@ -560,9 +603,10 @@ class LocalDeployment:
             cfg["output-dir"] = str(self.runs_dir / f"run-{seq}")
         cfg["output-dir"] = str(Path(cfg["output-dir"]).resolve())
         cfg_file = write_run_config(self.runs_dir / f"run-{seq}.toml", cfg)
-        pyproject = self.app_dir / "pyproject.toml"
+        app = Path(app_dir).resolve() if app_dir is not None else self.app_dir
+        pyproject = app / "pyproject.toml"
         before = _sha256(pyproject)
-        out = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(cfg_file), "--format", "json",
+        out = self.flwr("run", str(app), CONNECTION, "--run-config", str(cfg_file), "--format", "json",
                         timeout=timeout)
         if _sha256(pyproject) != before:
             raise DeploymentError(f"flwr run rewrote {pyproject} (a [tool.flwr.federations] table?)")

@@ -1,12 +1,18 @@
-"""Multi-node deployment (issue 4): real SuperLink, SuperNode and SuperExec processes on loopback with TLS and
-SuperNode authentication, driven through `fedsparse.deploy.LocalDeployment`; and the docker compose files, which
-are parsed (no Docker engine is needed) and checked for files, secrets and build contexts that do not exist.
+"""Multi-node deployment (issues 4 and 8): real SuperLink, SuperNode, SuperExec and nginx processes on loopback
+with TLS and SuperNode authentication, driven through `fedsparse.deploy.LocalDeployment`; and the docker compose
+files, which are parsed (no Docker engine is needed) and checked for files, secrets and build contexts that do not
+exist. `test_podman_stack_completes_a_run` (slow) builds the image and runs the compose stack with podman.
 
-The process tests share one 3-node deployment and two small runs on `digits`: a clean SSFL run (3 rounds) with
-the byte comparison, and a faulty run (2 rounds) in which supernode-1 sends malformed sparse replies and
-supernode-3 is killed during round 2; plus a refused unregistered SuperNode. About 4.5 CPU-minutes: 5.5 minutes
-of wall time on 2 cores that other jobs kept at load 5-10. Every message in a deployment starts a ClientApp
-process (about 5 CPU seconds), and the dead node costs one round-timeout (40 s).
+The process tests share one 3-node deployment behind the edge proxy (nginx: SuperNodes dial its Fleet-only public
+port, the CLI its Control-only operator port; without nginx the nodes dial the SuperLink and the proxy tests skip)
+and three small runs on `digits`:
+- a clean SSFL run (2 rounds) with the byte comparison;
+- a faulty run (2 rounds) of the test-only ClientApp `tests.faults:app`, in which supernode-1 (partition 0, the
+  only node whose processes carry FEDSPARSE_TEST_FAULT) sends malformed sparse replies;
+- a restart run (6 rounds): supernode-3 is SIGKILLed after round 1 and started again with the same key and
+  partition; it must train again in a later round (the server re-installs the mask it lost).
+Every message in a deployment starts a ClientApp process (about 5 CPU seconds), a dead node costs one
+round-timeout (40 s), and the restarted node waits until the SuperLink has marked it offline (up to a minute).
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from fedsparse import deploy
-from fedsparse.deploy import FINISHED_OK, LocalDeployment, compare_bytes, summary_of
+from fedsparse import deploy, edge_proxy
+from fedsparse.deploy import FINISHED_OK, PUBLIC_CONNECTION, LocalDeployment, compare_bytes, summary_of
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.insecure.yml", "docker-compose.gpu.yml"]
@@ -32,6 +41,8 @@ MAX_OVERHEAD = 0.15  # the issue's bound on |Flower's network totals / our count
 # count; only its content-addressed dedup of byte-identical objects (a few identical ConfigRecords here) can
 # take a little off. A larger deficit means we count bytes that never crossed the wire (e.g. twice).
 MIN_OVERHEAD = -0.02
+FAULT_ENV = {"FEDSPARSE_TEST_FAULT": "0:wrong-length"}  # partition 0 = supernode-1
+KILLED = 3  # the SuperNode killed and restarted in the restart run
 
 
 def _missing_tools() -> list[str]:
@@ -48,35 +59,112 @@ def dep(tmp_path_factory):
     missing = _missing_tools()
     if missing:
         pytest.skip(f"deployment tests need {', '.join(missing)}")
-    with LocalDeployment(nodes=3, workdir=tmp_path_factory.mktemp("deploy")) as d:
+    with LocalDeployment(nodes=3, workdir=tmp_path_factory.mktemp("deploy"), node_env={1: FAULT_ENV},
+                         edge_proxy=edge_proxy.nginx_binary() is not None) as d:
         yield d
 
 
-def _run(d: LocalDeployment, config: dict, timeout: float = 400, on_round=None) -> tuple[int, dict, dict]:
-    run_id = d.submit(config)
+@pytest.fixture
+def edge(dep):
+    if not dep.edge:
+        pytest.skip("nginx is not installed (apt-get install nginx-light): no edge proxy")
+    return dep
+
+
+def _run(d: LocalDeployment, config: dict, timeout: float = 400, on_round=None, app_dir=None):
+    run_id = d.submit(config, app_dir=app_dir)
     status = d.wait(run_id, timeout=timeout, on_round=on_round)
     summary = summary_of(d, run_id)
     assert summary is not None, f"no summary.json; status {status}; logs in {d.logs}"
     return run_id, status, summary
 
 
+def _access(d: LocalDeployment) -> list[tuple[int, str, str, int]]:
+    """(listener port, method, path, status) of every request the edge proxy logged."""
+    out = []
+    for line in d.edge_access_log():
+        m = re.match(r'(\d+) \S+ "(\S+) (\S+) [^"]*" (\d+)', line)
+        if m:
+            out.append((int(m.group(1)), m.group(2), m.group(3), int(m.group(4))))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 
-@pytest.mark.deployment
-def test_ssfl_run_completes_and_bytes_agree_with_flower(dep):
+@pytest.fixture(scope="module")
+def clean_run(dep):
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    run_id, status, summary = _run(dep, {"strategy": "ssfl", "sparsity": 0.9, "num-rounds": 3})
+    run_id, status, summary = _run(dep, {"strategy": "ssfl", "sparsity": 0.9, "num-rounds": 2})
+    return {"run_id": run_id, "status": status, "summary": summary, "pyproject": pyproject}
+
+
+@pytest.mark.deployment
+def test_ssfl_run_completes_and_bytes_agree_with_flower(clean_run):
+    status, summary = clean_run["status"], clean_run["summary"]
     assert status["status"] == FINISHED_OK, status
-    assert summary["rounds"] == 3 and summary["failures"] == []
+    assert summary["rounds"] == 2 and summary["failures"] == []
     assert 0.05 < summary["density"] < 0.15  # 90% sparsity (the mask covers conv and linear weights)
     b = compare_bytes(summary, status)
-    print(f"\nrun {run_id}: counted {b['counted_total']:,} B, Flower {b['flower_total']:,} B, overhead "
+    print(f"\nrun {clean_run['run_id']}: counted {b['counted_total']:,} B, Flower {b['flower_total']:,} B, overhead "
           f"{100 * b['overhead']:+.2f}% (down {100 * b['overhead_down']:+.2f}%, up {100 * b['overhead_up']:+.2f}%)")
     for key in ("overhead", "overhead_down", "overhead_up"):
         assert MIN_OVERHEAD < b[key] < MAX_OVERHEAD, (key, b)
     # `flwr run` must never rewrite pyproject.toml (it does when it finds [tool.flwr.federations]).
-    assert (ROOT / "pyproject.toml").read_bytes() == pyproject
+    assert (ROOT / "pyproject.toml").read_bytes() == clean_run["pyproject"]
+
+
+@pytest.mark.deployment
+def test_nodes_train_through_the_public_port_and_the_cli_uses_the_operator_port(edge, clean_run):
+    assert clean_run["status"]["status"] == FINISHED_OK
+    requests = _access(edge)
+    fleet = [r for r in requests if r[2].startswith(edge_proxy.FLEET_PREFIX)]
+    control = [r for r in requests if r[2].startswith(edge_proxy.CONTROL_PREFIX)]
+    # Every SuperNode registered, pulled its train messages and pushed its replies through the public port.
+    pushed = [r for r in fleet if r[2] == "/v1/fleet/push-messages" and r[3] == 200]
+    assert len(pushed) >= 3 * 2, requests[-20:]  # 3 nodes x 2 rounds, at least
+    assert all(r[0] == edge.public_port for r in fleet if r[3] == 200)
+    assert all(r[0] == edge.operator_port for r in control if r[3] == 200)
+    assert any(r[2] == "/v1/control/start-run" and r[3] == 200 for r in control)
+    # SuperExecs dial the SuperLink directly: the Runtime API never crosses the proxy.
+    assert not [r for r in requests if r[2].startswith(edge_proxy.RUNTIME_PREFIX) and r[3] != 403]
+
+
+@pytest.mark.deployment
+def test_flwr_run_through_the_public_port_is_refused(edge, tmp_path):
+    runs_before = edge.flwr("ls", "--format", "json")["runs"]
+    config = tmp_path / "run.toml"
+    config.write_text("num-rounds = 1\n")
+    out = edge.flwr("run", str(ROOT), PUBLIC_CONNECTION, "--run-config", str(config), "--format", "json")
+    assert out.get("success") is False, out
+    assert "403" in out.get("error-message", ""), out
+    assert (edge.public_port, "POST", "/v1/control/start-run", 403) in _access(edge)
+    assert len(edge.flwr("ls", "--format", "json")["runs"]) == len(runs_before)  # no run was created
+
+
+def _post(port: int, path: str, ca: Path) -> int:
+    """HTTP status of an empty protobuf POST to the proxy (TLS verified against the deployment's CA)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(f"https://localhost:{port}{path}", data=b"", method="POST",
+                                     headers={"Content-Type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.deployment
+def test_each_proxy_port_forwards_only_its_api(edge):
+    ca = edge.certs / "ca.crt"
+    public, operator = edge.public_port, edge.operator_port
+    for port, path in [(public, "/v1/control/list-runs"), (public, "/v1/control/register-node"),
+                       (public, "/v1/runtime/acquire-task"), (public, "/docs"),
+                       (operator, "/v1/fleet/register-node"), (operator, "/v1/runtime/acquire-task")]:
+        assert _post(port, path, ca) == 403, (port, path)
+    # The allowed prefix reaches the SuperLink, which answers (an empty body is not a valid request: not 403).
+    assert _post(public, "/v1/fleet/get-run", ca) != 403
+    assert _post(operator, "/v1/control/list-runs", ca) != 403
 
 
 @pytest.mark.deployment
@@ -103,7 +191,8 @@ def test_register_script_registers_a_key(dep):
     key = dep.keys / "extra"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = ["bash", str(ROOT / "deploy" / "register-supernodes.sh"), "--superlink", f"127.0.0.1:{dep.port}",
+    control_port = dep.operator_port if dep.edge else dep.port
+    cmd = ["bash", str(ROOT / "deploy" / "register-supernodes.sh"), "--superlink", f"127.0.0.1:{control_port}",
            "--ca", str(dep.certs / "ca.crt"), f"{key}.pub"]
     first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=60)
     assert first.returncode == 0, first.stderr
@@ -113,46 +202,85 @@ def test_register_script_registers_a_key(dep):
     assert again.returncode == 0 and "already-registered" in again.stdout, again.stderr
 
 
+def _fault_app(dest: Path) -> Path:
+    """A copy of the Flower app whose ClientApp is `tests.faults:app` (our ClientApp inside the fault mod)."""
+    if not (ROOT / "tests" / "faults.py").exists():
+        pytest.skip("tests/faults.py (the fault-injection ClientApp) is missing")
+    for folder in ("client", "server"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "tests").mkdir()
+    shutil.copy2(ROOT / "tests" / "faults.py", dest / "tests" / "faults.py")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    component = re.compile(r'^clientapp = ".*"$', re.MULTILINE)
+    assert len(component.findall(pyproject)) == 1, "pyproject.toml: expected one clientapp component"
+    (dest / "pyproject.toml").write_text(component.sub('clientapp = "tests.faults:app"', pyproject))
+    return dest
+
+
 @pytest.fixture(scope="module")
-def faulty_run(dep):
-    """One 2-round SSFL run: supernode-1 (partition 0) answers every train message with a malformed sparse
-    reply (one value too many); supernode-3 is killed (SIGKILL, with its SuperExec and ClientApps) as soon as
-    round 1 is over. Sharing one run keeps the suite inside its time budget; each test checks its own part."""
-    faulty, killed = dep.node(1), dep.node(3)
-
-    def on_round(k: int) -> None:
-        if k == 1:
-            dep.kill_supernode(3, signal.SIGKILL)
-
-    # round-timeout bounds the wait for the dead node's reply: long enough for a live node on a busy machine.
-    run_id, status, summary = _run(dep, {"strategy": "ssfl", "num-rounds": 2, "round-timeout": 40.0,
-                                         "fault-partition": 0, "client-fault": "wrong-length"},
-                                   on_round=on_round)
-    dep.restart_supernode(3)  # the deployment is whole again for any test that follows
-    rounds = deploy.round_rows(dep, run_id)
-    return {"status": status, "summary": summary, "rounds": rounds, "faulty": faulty.node_id,
-            "killed": killed.node_id}
+def faulty_run(dep, tmp_path_factory):
+    """One 2-round SSFL run of `tests.faults:app`: supernode-1 (partition 0) answers every train message with a
+    malformed sparse reply (one value too many); the other two nodes run the same app with no fault set."""
+    app = _fault_app(tmp_path_factory.mktemp("fault-app"))
+    run_id, status, summary = _run(dep, {"strategy": "ssfl", "num-rounds": 2, "round-timeout": 60.0}, app_dir=app)
+    return {"status": status, "summary": summary, "rounds": deploy.round_rows(dep, run_id),
+            "faulty": dep.node(1).node_id}
 
 
 @pytest.mark.deployment
 def test_malformed_sparse_reply_is_rejected_and_run_completes(faulty_run):
     assert faulty_run["status"]["status"] == FINISHED_OK, faulty_run["status"]
-    rejected = [f for f in faulty_run["summary"]["failures"]
-                if f["node_id"] == faulty_run["faulty"] and f["reason"].startswith("rejected reply")]
-    assert sorted(f["round"] for f in rejected) == [1, 2], faulty_run["summary"]["failures"]
+    failures = faulty_run["summary"]["failures"]
+    rejected = [f for f in failures if f["node_id"] == faulty_run["faulty"] and f["reason"].startswith("rejected reply")]
+    assert sorted(f["round"] for f in rejected) == [1, 2], failures
+    assert [f for f in failures if f["node_id"] != faulty_run["faulty"]] == [], failures
     assert all(r["rejected"] >= 1 for r in faulty_run["rounds"])
-    assert faulty_run["rounds"][0]["clients"] == 2  # round 1: the two honest nodes were aggregated
+    assert [r["clients"] for r in faulty_run["rounds"]] == [2, 2]  # the two honest nodes, every round
+
+
+@pytest.fixture(scope="module")
+def restart_run(dep):
+    """One 6-round SSFL run: supernode-3 is SIGKILLed (with its SuperExec and ClientApps) as soon as round 1 is
+    over and started again at once with the same key and partition (`restart_supernode` waits until the
+    SuperLink has marked the dead node offline, then until the new process is online)."""
+    killed = dep.node(KILLED)
+    events: dict[str, float] = {}
+
+    def on_round(k: int) -> None:
+        if k == 1:
+            dep.kill_supernode(KILLED, signal.SIGKILL)
+            events["killed_after_round"] = 1
+            dep.restart_supernode(KILLED)
+            events["back_during_round"] = dep.rounds_done(run_id) + 1
+
+    run_id = dep.submit({"strategy": "ssfl", "num-rounds": 6, "round-timeout": 40.0})
+    status = dep.wait(run_id, timeout=900, on_round=on_round)
+    summary = summary_of(dep, run_id)
+    assert summary is not None, f"no summary.json; status {status}; logs in {dep.logs}"
+    return {"status": status, "summary": summary, "rounds": deploy.round_rows(dep, run_id),
+            "killed": killed.node_id, **events}
 
 
 @pytest.mark.deployment
-def test_killed_supernode_run_completes_with_the_others(faulty_run):
-    assert faulty_run["status"]["status"] == FINISHED_OK, faulty_run["status"]
-    summary = faulty_run["summary"]
-    assert summary["rounds"] == 2
-    dead = [f for f in summary["failures"] if f["node_id"] == faulty_run["killed"]]
-    assert dead and all(f["round"] == 2 for f in dead), summary["failures"]
-    assert dead[0]["reason"] in ("no reply before the timeout",) or "Node Unavailable" in dead[0]["reason"]
-    assert faulty_run["rounds"][1]["clients"] >= 1  # the surviving honest node was aggregated in round 2
+def test_killed_supernode_run_completes_with_the_others(restart_run):
+    assert restart_run["status"]["status"] == FINISHED_OK, restart_run["status"]
+    summary = restart_run["summary"]
+    assert summary["rounds"] == 6
+    dead = [f for f in summary["failures"] if f["node_id"] == restart_run["killed"]]
+    assert dead and min(f["round"] for f in dead) == 2, summary["failures"]  # it trained in round 1
+    assert all(r["clients"] >= 2 for r in restart_run["rounds"])  # the two live nodes, every round
+
+
+@pytest.mark.deployment
+def test_restarted_supernode_trains_again_in_a_later_round(restart_run):
+    assert restart_run["status"]["status"] == FINISHED_OK, restart_run["status"]
+    failed_rounds = {f["round"] for f in restart_run["summary"]["failures"] if f["node_id"] == restart_run["killed"]}
+    back = restart_run["back_during_round"]
+    # A round after the restart in which all three nodes were aggregated and the restarted node did not fail.
+    trained = [r for r in restart_run["rounds"]
+               if r["round"] >= max(back, 3) and r["clients"] == 3 and r["round"] not in failed_rounds]
+    assert trained, (f"supernode-{KILLED} (node {restart_run['killed']}) back during round {back}, never aggregated "
+                     f"again: rounds {restart_run['rounds']}, failures {restart_run['summary']['failures']}")
 
 
 # ------------------------------------------------------------------------------------------ compose
@@ -259,3 +387,52 @@ def test_compose_config_parses(compose_env, overrides):
     res = subprocess.run([*cmd, "config", "-q"], check=False, capture_output=True, text=True, cwd=ROOT,
                          env=compose_env, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_compose_publishes_only_the_edge_proxy(compose_env):
+    services = _load("docker-compose.yml", compose_env)["services"]
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"edge"}, f"only the edge proxy may publish ports: {published}"
+    public, operator = services["edge"]["ports"]
+    assert public.endswith(f":{edge_proxy.COMPOSE_PUBLIC_PORT}")
+    assert operator.startswith("127.0.0.1:") and operator.endswith(f":{edge_proxy.COMPOSE_OPERATOR_PORT}")
+    for name, svc in services.items():
+        if re.fullmatch(r"supernode-\d+", name):
+            assert _flag(svc["command"], "--superlink") == f"edge:{edge_proxy.COMPOSE_PUBLIC_PORT}", name
+    mounts = [v.split(":") for v in services["edge"]["volumes"]]
+    assert [ROOT / m[0] for m in mounts] == [edge_proxy.COMPOSE_CONFIG], mounts
+
+
+def test_compose_edge_config_is_the_rendered_template():
+    # deploy/edge/nginx-compose.conf is generated: python -m fedsparse.edge_proxy --compose > that file
+    assert edge_proxy.COMPOSE_CONFIG.read_text() == edge_proxy.render_compose()
+    text = edge_proxy.COMPOSE_CONFIG.read_text()
+    assert "${" not in text
+    locations = re.findall(r"location (?:= )?(\S+)", text)
+    assert locations == ["/v1/fleet/", "/health", "/", "/v1/control/", "/health", "/"]
+
+
+def test_edge_settings_reject_bad_addresses():
+    good = {"public_listen": "127.0.0.1:1", "operator_listen": "127.0.0.1:2", "upstream": "127.0.0.1:3",
+            "upstream_tls_name": "localhost", "tls_cert": "c", "tls_key": "k", "ca_cert": "ca", "pid_file": "p",
+            "error_log": "e", "access_log": "a", "temp_dir": "t"}
+    edge_proxy.EdgeProxySettings(**good)
+    for key, bad in [("public_listen", "8000"), ("upstream", "host:port"), ("operator_listen", "127.0.0.1:1")]:
+        with pytest.raises(ValueError, match=key if key != "operator_listen" else "differ"):
+            edge_proxy.EdgeProxySettings(**{**good, key: bad})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("podman") is None or shutil.which("podman-compose") is None,
+                    reason="podman and podman-compose are not installed (apt-get install podman podman-compose)")
+def test_podman_stack_completes_a_run(tmp_path):
+    """deploy/podman-check.sh end to end: base image, image build, compose stack behind the edge proxy, a 2-round
+    run with TLS and node authentication through the operator port, the public port refusing `flwr run`.
+    Tens of minutes on 2 cores the first time (the image holds torch); the base image is reused when present."""
+    if os.geteuid() != 0 and shutil.which("debootstrap") is not None:
+        pytest.skip("debootstrap (for the base image) needs root")
+    res = subprocess.run(["bash", str(ROOT / "deploy" / "podman-check.sh"), "--workdir", str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=5400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "flwr run through the public port refused" in res.stderr
+    assert ": finished:completed after" in res.stderr
