@@ -1,7 +1,7 @@
 """Localization: which parameters to change when unlearning, as a freeze `Mask` any method can run on.
 
 Scores come from one pass over the forget set at the current weights, in eval mode, with no optimiser step:
-G = sum over minibatches b of grad_theta(-CE_b) (the negated mean cross-entropy of each batch), then per entry
+G = sum over minibatches b (consecutive, in data order) of grad_theta(-CE_b) (the negated mean cross-entropy of each batch), then per entry
 
 - `grad` (SalUn):            |G|
 - `weighted_grad` (DEL):     |theta * G|
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsparse.unlearning.core import ArrayData, Mask, batches
+from fedsparse.unlearning.core import ArrayData, Mask
 
 CRITERIA = ("grad", "weighted_grad", "weight")
 GRANULARITIES = ("param", "channel")
@@ -46,8 +46,9 @@ def localization_scores(model: nn.Module, forget: ArrayData, *, criterion: str =
     if criterion == "weight":
         return {name: p.detach().abs().cpu() for name, p in params.items()}
     grads = {name: torch.zeros_like(p) for name, p in params.items()}
-    ordered = torch.Generator().manual_seed(0)  # order does not change a sum of per-batch gradients
-    for xb, yb in batches(forget, batch_size, ordered, device):
+    for start in range(0, len(forget), batch_size):  # in order: the batches fix which per-batch means are summed
+        xb = torch.from_numpy(forget.x[start:start + batch_size]).to(device)
+        yb = torch.from_numpy(forget.y[start:start + batch_size]).to(device)
         model.zero_grad(set_to_none=True)
         (-nn.functional.cross_entropy(model(xb), yb)).backward()
         for name, p in params.items():
