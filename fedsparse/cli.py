@@ -9,7 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedsparse.config import ConfigError, parse_assignments, resolve
+from fedsparse.config import RESUME_CHANGEABLE, ConfigError, parse_assignments, resolve
+from fedsparse.resume import CONFIG_FILE, read_saved_config
 from fedsparse.simulation import APP_DIR
 
 
@@ -25,12 +26,27 @@ def preset_path(name: str) -> Path:
 
 
 def build_config(preset: str | None, assignments: list[str], out: str | None, resume: str | None) -> dict:
-    """Preset, then --set pairs, then --out; with --resume, the saved config of that run."""
+    """Preset, then --set pairs, then --out; with --resume, the saved config of that run, updated with the --set
+    pairs that resume allows (RESUME_CHANGEABLE; any other key is refused by name)."""
     if resume:
-        saved = Path(resume) / "config.json"
-        if not saved.exists():
-            raise ConfigError(f"--resume {resume}: no config.json there, nothing to resume")
-        return resolve({**json.loads(saved.read_text()), "output-dir": str(Path(resume).resolve()), "resume": True})
+        if preset or (out and Path(out).resolve() != Path(resume).resolve()):
+            raise ConfigError("--resume continues the run in its folder with its own settings: it takes no "
+                              "--preset, nor an --out other than that folder")
+        run_dir = Path(resume).resolve()
+        saved = {**read_saved_config(run_dir), "output-dir": str(run_dir), "resume": True}
+        changes = parse_assignments(assignments)
+        try:
+            before = resolve(saved)
+            cfg = resolve({**saved, **changes, "output-dir": str(run_dir), "resume": True})
+        except ConfigError as err:
+            raise ConfigError(f"--resume {resume}: {err} (from {run_dir / CONFIG_FILE} and --set)") from err
+        refused = sorted(k for k in changes if k not in RESUME_CHANGEABLE and cfg[k] != before[k])
+        if "output-dir" in changes and Path(changes["output-dir"]).resolve() != run_dir:
+            refused.append("output-dir")
+        if refused:
+            raise ConfigError(f"--resume: {', '.join(refused)} cannot change on resume (the run so far was made "
+                              f"with the saved value); only {', '.join(RESUME_CHANGEABLE)} can")
+        return cfg
     overrides: dict = {}
     if preset:
         overrides.update(tomllib.loads(preset_path(preset).read_text()))

@@ -25,7 +25,8 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it st
 
 # What `fedsparse run --resume DIR --set ...` may change: nothing that decides the model, the data or the clients'
 # work, only how long the run goes on and where and how fast it runs.
-RESUME_CHANGEABLE = ("num-rounds", "round-timeout", "device", "client-num-cpus", "client-num-gpus", "min-clients")
+RESUME_CHANGEABLE = ("num-rounds", "round-timeout", "connect-timeout", "device", "client-num-cpus", "client-num-gpus",
+                     "min-clients")
 # Not compared on resume: where the run folder is (a copied folder resumes) and the resume flag itself.
 RESUME_IGNORED = ("output-dir", "resume")
 
