@@ -122,7 +122,7 @@ def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id
     conf = content["config"]
     x, y = local_data(cfg, partition_id)
     tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
-                     cfg["weight-decay"], cfg["grad-clip"])
+                     cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
     loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
                        device=pick_device(cfg["device"]))
     values, dense = _received(net, layout, masks)

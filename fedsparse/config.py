@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedsparse.optim import OPTIMIZERS
+
 STRATEGIES = ("fedavg", "ssfl", "random", "magnitude", "topk")
 DATASETS = ("fashion-mnist", "mnist", "usps", "cifar10", "cifar100", "digits")
 MODELS = ("cnn", "mlp", "resnet18")
@@ -77,10 +79,13 @@ SCHEMA: dict[str, Key] = {
     "lr": Key(float, 0.05, "local learning rate", check=lambda v: v > 0, rule="> 0"),
     "lr-decay": Key(float, 1.0, "per-round lr factor: lr * lr-decay**(round-1)", check=_in_unit_open,
                     rule="in (0, 1]"),
-    "momentum": Key(float, 0.0, "SGD momentum", check=lambda v: 0.0 <= v < 1.0, rule="in [0, 1)"),
+    "momentum": Key(float, 0.0, "momentum (sgd, tam) or beta1 (adam, adatam, adatamw)",
+                    check=lambda v: 0.0 <= v < 1.0, rule="in [0, 1)"),
     "weight-decay": Key(float, 0.0, "SGD weight decay", check=lambda v: v >= 0, rule=">= 0"),
     "grad-clip": Key(float, 0.0, "clip the gradient norm to this (0 = off)", check=lambda v: v >= 0,
                      rule=">= 0"),
+    "optimizer": Key(str, "sgd", "local optimiser (fedsparse.optim; momentum is beta1 of the adam family)",
+                     tuple(OPTIMIZERS)),
     "seed": Key(int, 42, "seed for data split, init, sampling and training",
                 check=lambda v: 0 <= v <= MAX_SEED, rule=f"in [0, {2**32 - 1}]"),
     # sparsity (ssfl, random, magnitude, topk)
