@@ -264,3 +264,12 @@ def test_registry_names_and_builders():
 def test_unknown_optimizer_lists_the_registry():
     with pytest.raises(ValueError, match="lion.*sgd, adam, tam, adatam, adatamw"):
         build_optimizer("lion", [nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.0, weight_decay=0.0)
+
+
+def test_run_config_key_takes_its_choices_from_the_registry():
+    from fedsparse.config import SCHEMA, ConfigError, resolve
+
+    assert SCHEMA["optimizer"].choices == tuple(OPTIMIZERS)
+    assert resolve({"optimizer": "adatamw"})["optimizer"] == "adatamw"
+    with pytest.raises(ConfigError, match="optimizer.*sgd, adam, tam, adatam, adatamw"):
+        resolve({"optimizer": "lion"})
