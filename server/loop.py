@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.replies import NodeInfo, ReplyError
-from fedsparse.resume import load_for_resume
 from fedsparse.train import evaluate, pick_device
 from server.strategies import STRATEGIES
 from server.strategies.base import Channel, Traffic, sample_partitions
@@ -44,20 +44,32 @@ def wait_for_nodes(grid, cfg: dict) -> None:
         time.sleep(0.5)
 
 
-def discover(grid, cfg: dict, channel: Channel, known: dict[int, NodeInfo], max_examples: int
-             ) -> dict[int, NodeInfo]:
-    """Ask every node not in `known` its partition and example count (query.info); returns `known` updated.
+@dataclass
+class Roster:
+    """The nodes the server knows (node id -> what it reported at discovery) and the node ids it dropped: a node
+    whose query.info reply was missing, malformed, or claimed a partition another connected node holds. Neither
+    is asked again; a node id is in at most one of them."""
+
+    known: dict[int, NodeInfo] = field(default_factory=dict)
+    dropped: set[int] = field(default_factory=set)
+
+    def partitions(self) -> dict[int, int]:
+        """{partition id: node id} of the known nodes."""
+        return {info.partition_id: node_id for node_id, info in self.known.items()}
+
+
+def discover(grid, cfg: dict, channel: Channel, roster: Roster, max_examples: int) -> None:
+    """Ask every connected node the roster does not list its partition and example count (query.info).
 
     A reply is read through `fedsparse.replies.read_info`. A partition claimed by a node still connected is kept
     by that node; a partition whose node left is taken over by the newcomer (a restarted SuperNode with a new node
-    id). Every node dropped on the way is logged and recorded in the failures, none vanishes silently."""
+    id). Every node dropped on the way is logged and recorded in the failures: none vanishes silently."""
     connected = {int(n) for n in grid.get_node_ids()}
-    for gone in [n for n in known if n not in connected]:
-        log.info("node %s (partition %d) left the grid", gone, known[gone].partition_id)
-    new = sorted(connected - set(known))
+    new = sorted(connected - set(roster.known) - roster.dropped)
     if not new:
-        return known
+        return
     answers = channel.send([Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in new])
+    roster.dropped.update(new)  # until a valid claim below moves a node to `known`
     claims: list[tuple[int, NodeInfo]] = []
     for r in answers:
         node_id = int(r.metadata.src_node_id)
@@ -65,26 +77,21 @@ def discover(grid, cfg: dict, channel: Channel, known: dict[int, NodeInfo], max_
             claims.append((node_id, replies.read_info(r.content, cfg["num-clients"], max_examples)))
         except ReplyError as err:
             channel.fail(node_id, f"dropped node: {err}", "query.info")
-    updated = dict(known)
     for node_id, info in sorted(claims):
-        holder = next((n for n, i in updated.items() if i.partition_id == info.partition_id), None)
+        holder = roster.partitions().get(info.partition_id)
         if holder is not None and holder in connected:
             channel.fail(node_id, f"dropped node: it claims partition {info.partition_id}, already held by "
                                   f"node {holder}", "query.info")
             continue
         if holder is not None:
-            del updated[holder]
-        updated[node_id] = info
-    if not updated:
+            log.info("node %s takes over partition %d from node %s, which left", node_id, info.partition_id, holder)
+            del roster.known[holder]
+        roster.known[node_id] = info
+        roster.dropped.discard(node_id)
+    if not roster.known:
         reasons = "; ".join(f["reason"][:300] for f in channel.failures[-3:])
         raise RuntimeError(f"none of the {len(new)} clients answered; last errors: {reasons}")
-    log.info("%d clients: partitions %s", len(updated), sorted(i.partition_id for i in updated.values()))
-    return updated
-
-
-def partitions(known: dict[int, NodeInfo]) -> dict[int, int]:
-    """{partition id: node id} of the known nodes."""
-    return {info.partition_id: node_id for node_id, info in known.items()}
+    log.info("%d clients: partitions %s", len(roster.known), sorted(roster.partitions()))
 
 
 def dense_round_bytes(layout: sparse.Layout, strategy) -> int:
@@ -110,10 +117,12 @@ def run_federation(grid, run_config: dict) -> dict:
     out = Path(cfg["output-dir"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    # a damaged checkpoint or a refused change of settings raises ResumeError naming the file or the keys
-    ckpt = load_for_resume({**cfg, "output-dir": str(out)}) if cfg["resume"] else None
+    ckpt = torch.load(ckpt_path, weights_only=False) if cfg["resume"] and ckpt_path.exists() else None
     if cfg["resume"] and ckpt is None:
         log.warning("resume=true but %s does not exist: starting from round 1", ckpt_path)
+    if ckpt is not None and ckpt["config"] != {**cfg, "resume": False}:
+        diff = sorted(k for k in cfg if k != "resume" and ckpt["config"].get(k) != cfg[k])
+        raise RuntimeError(f"cannot resume: the checkpoint in {out} was made with other settings ({', '.join(diff)})")
     results.write_json(out / "config.json", {**cfg, "resume": False})
 
     device = pick_device(cfg["device"])
@@ -126,22 +135,23 @@ def run_federation(grid, run_config: dict) -> dict:
     oneoff = Traffic()
     failures: list[dict] = []
     if ckpt is not None:
-        state, rows, failures = ckpt.state, ckpt.rows, ckpt.failures
-        oneoff = Traffic(**ckpt.oneoff)
-        strategy.restore(ckpt.strategy)
+        state, rows, failures = ckpt["state"], ckpt["rows"], ckpt["failures"]
+        oneoff = Traffic(**ckpt["oneoff"])
+        strategy.restore(ckpt["strategy"])
         log.info("resuming %s after round %d", out, len(rows))
 
     channel = Channel(grid, cfg["round-timeout"], failures=failures)
     wait_for_nodes(grid, cfg)
     max_examples = len(ds.y_train[: cfg["train-subset"] or None])  # no client can hold more than the dataset
-    known = discover(grid, cfg, channel, {}, max_examples)
+    roster = Roster()
+    discover(grid, cfg, channel, roster, max_examples)
     oneoff.add(channel.take())
     dense_bytes = dense_round_bytes(layout, strategy)
     for server_round in range(len(rows) + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
-        known = discover(grid, cfg, channel, known, max_examples)  # nodes that joined since (none: no message)
-        strategy.known = known
-        nodes = partitions(known)
+        discover(grid, cfg, channel, roster, max_examples)  # nodes that joined since (none: no message)
+        strategy.known = roster.known
+        nodes = roster.partitions()
         state = strategy.setup(channel, nodes, state, server_round)
         oneoff.add(channel.take())  # discovery, saliency, mask install: not part of any round's traffic
         picked = [p for p in sample_partitions(cfg["num-clients"], cfg["fraction-train"], cfg["seed"], server_round)
