@@ -65,15 +65,13 @@ def check_split(cfg: dict, num_examples: int, num_classes: int) -> None:
                           f"{num_classes} classes of {cfg['dataset']}")
 
 
-def preflight(cfg: dict) -> None:
-    """Everything that can fail before Ray starts: the dataset is found, the split is possible, the model builds
-    and has maskable weights, a mask of the asked density is possible, the resources exist, a resumed run's files
-    are sound and its settings may change as asked, and output-dir can be written (checked last: it creates the
-    folder). Raises ConfigError (ResumeError for a run folder) / DatasetNotFound."""
+def check_run_settings(cfg: dict) -> None:
+    """The checks that hold on any machine: the dataset is found, the split is possible, the model builds and has
+    maskable weights, a mask of the asked density is possible. The ServerApp runs them too, so `flwr run` fails at
+    its start naming the key. Raises ConfigError / DatasetNotFound."""
     from fedsparse.config import ConfigError
     from fedsparse.data import client_split, load_dataset
     from fedsparse.models import build_model, maskable_names
-    from fedsparse.resume import load_for_resume
     from fedsparse.sparse import Layout, MaskError, check_density
 
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
@@ -95,6 +93,16 @@ def preflight(cfg: dict) -> None:
             check_density(layout, 1.0 - cfg["sparsity"], cfg["mask-scope"])
         except MaskError as err:
             raise ConfigError(f"config key 'sparsity': {err}") from err
+
+
+def preflight(cfg: dict) -> None:
+    """Everything that can fail before Ray starts: `check_run_settings`, the resources exist on this machine, a
+    resumed run's files are sound and its settings may change as asked, and output-dir can be written (checked
+    last: it creates the folder). Raises ConfigError (ResumeError for a run folder) / DatasetNotFound."""
+    from fedsparse.config import ConfigError
+    from fedsparse.resume import load_for_resume
+
+    check_run_settings(cfg)
     try:
         check_resources(cfg)
     except RuntimeError as err:

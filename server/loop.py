@@ -19,6 +19,8 @@ from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.replies import NodeInfo, ReplyError
+from fedsparse.resume import load_for_resume
+from fedsparse.simulation import check_run_settings
 from fedsparse.train import evaluate, pick_device
 from server.strategies import STRATEGIES
 from server.strategies.base import Channel, Traffic, sample_partitions
@@ -114,15 +116,14 @@ def progress(cfg: dict, row: dict) -> None:
 def run_federation(grid, run_config: dict) -> dict:
     """Run every round; returns the summary (also written to output-dir/summary.json)."""
     cfg = resolve(run_config)
+    check_run_settings(cfg)  # under `flwr run` nothing has checked the split, the mask layers or the density yet
     out = Path(cfg["output-dir"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    ckpt = torch.load(ckpt_path, weights_only=False) if cfg["resume"] and ckpt_path.exists() else None
+    # a damaged checkpoint or a refused change of settings raises ResumeError naming the file or the keys
+    ckpt = load_for_resume({**cfg, "output-dir": str(out)}) if cfg["resume"] else None
     if cfg["resume"] and ckpt is None:
         log.warning("resume=true but %s does not exist: starting from round 1", ckpt_path)
-    if ckpt is not None and ckpt["config"] != {**cfg, "resume": False}:
-        diff = sorted(k for k in cfg if k != "resume" and ckpt["config"].get(k) != cfg[k])
-        raise RuntimeError(f"cannot resume: the checkpoint in {out} was made with other settings ({', '.join(diff)})")
     results.write_json(out / "config.json", {**cfg, "resume": False})
 
     device = pick_device(cfg["device"])
@@ -135,9 +136,9 @@ def run_federation(grid, run_config: dict) -> dict:
     oneoff = Traffic()
     failures: list[dict] = []
     if ckpt is not None:
-        state, rows, failures = ckpt["state"], ckpt["rows"], ckpt["failures"]
-        oneoff = Traffic(**ckpt["oneoff"])
-        strategy.restore(ckpt["strategy"])
+        state, rows, failures = ckpt.state, ckpt.rows, ckpt.failures
+        oneoff = Traffic(**ckpt.oneoff)
+        strategy.restore(ckpt.strategy)
         log.info("resuming %s after round %d", out, len(rows))
 
     channel = Channel(grid, cfg["round-timeout"], failures=failures)
