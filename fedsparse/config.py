@@ -3,6 +3,11 @@
 Every key has a type, a default and a check. `resolve()` turns whatever the caller has (Flower's typed
 run_config, strings from `--set key=value`, a preset TOML) into a complete, validated dict, and fails before any
 training starts with a `ConfigError` that names the offending key and what it allows.
+
+Invariants of a resolved config: every float is finite, `seed` is in [0, MAX_SEED], `min-clients` <= `num-clients`,
+`output-dir` is not blank, `mask-layers` is a normalised comma list. What needs the data, the model or the machine
+(the split, maskable weights, a GPU, a writable folder) is checked by `fedsparse.simulation.preflight`. A resumed
+run may differ from its checkpoint only in RESUME_CHANGEABLE and RESUME_IGNORED (`fedsparse.resume`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
-
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
