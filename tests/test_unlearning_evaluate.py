@@ -153,6 +153,8 @@ def test_logit_scaled_confidence_by_hand():
     assert phi[0] == pytest.approx(math.log(3.0))  # p = (1/4, 3/4): log(3/4) - log(1/4)
     assert phi[1] == pytest.approx(-math.log(1e-45))  # no overflow; p_wrong underflows to 0, floored at 1e-45
     assert phi[2] == pytest.approx(0.0)
+    # a confident prediction: p_wrong = e^-40 / (1 + e^-40) must be summed, not taken as 1 - p_y (which is 0.0)
+    assert logit_scaled_confidence(np.array([[40.0, 0.0]]), np.array([0]))[0] == pytest.approx(40.0, rel=1e-9)
 
 
 def test_loss_threshold_mia_auc_by_hand():

@@ -30,10 +30,8 @@ N = 8: up to 1.95, lowest 2^-3 — four score levels in all (1, 1/2, 1/4, 1/8) b
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Self
 
 import numpy as np
 import torch
@@ -147,18 +145,6 @@ def gaps_to_retrained(metrics: UnlearningMetrics, retrained: UnlearningMetrics) 
                         test=metrics.test_accuracy - retrained.test_accuracy)
 
 
-class Stopwatch:
-    """Context manager measuring wall-clock seconds: `with Stopwatch() as watch: ...; watch.seconds`."""
-
-    def __enter__(self) -> Self:
-        self._start = time.perf_counter()
-        self.seconds = float("nan")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._start
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The NeurIPS 2023 competition's forgetting score
 
@@ -169,9 +155,9 @@ def logit_scaled_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarra
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     rows = np.arange(len(labels))
-    correct = probs[rows, labels]
-    wrong = probs.sum(axis=1) - correct
-    wrong = np.where(wrong < 0, 0.0, wrong)
+    correct = probs[rows, labels].copy()
+    probs[rows, labels] = 0.0
+    wrong = probs.sum(axis=1)  # summed, not 1 - correct: that would cancel to 0 for confident predictions
     return np.log(correct + 1e-45) - np.log(wrong + 1e-45)
 
 
