@@ -4,12 +4,13 @@
 # python:3.11-slim: the base image is made from Debian's packages (debootstrap), and pip reads this machine's
 # local indexes and CA bundle through build volumes.
 #
-#   deploy/podman-check.sh [--workdir DIR] [--keep] [--stage base|build|up|run|all]
+#   deploy/podman-check.sh [--workdir DIR] [--keep] [--rebuild] [--stage base|build|up|run|all]
 #
 # Stages (each needs the ones before; --stage X runs only up to X, `all` is the default):
 #   base   localhost/fedsparse-base:bookworm: debootstrap bookworm (python3.11, python3-venv, nginx-light), a venv
 #          in /opt/venv first on PATH, `podman import` (skipped when the image exists)
-#   build  localhost/fedsparse:0.1.0 from the Dockerfile with BASE_IMAGE=the base, TORCH_INDEX_URL empty
+#   build  localhost/fedsparse:0.1.0 from the Dockerfile with BASE_IMAGE=the base, TORCH_INDEX_URL empty (skipped
+#          when the image exists, unless --rebuild)
 #   up     certificates and node keys in WORKDIR; podman-compose up: superlink + edge, register the 3 node keys
 #          through the edge's operator port, then the SuperExecs and SuperNodes (which dial edge:8443)
 #   run    `flwr run` through the operator port (2 rounds, digits, 3 clients); waits for finished:completed;
@@ -27,11 +28,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 workdir="${TMPDIR:-/tmp}/fedsparse-podman-check"
 keep=0
+rebuild=0
 stage=all
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workdir) workdir="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
+    --rebuild) rebuild=1; shift ;;
     --stage) stage="$2"; shift 2 ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "podman-check.sh: unknown argument $1" >&2; exit 2 ;;
@@ -87,7 +90,9 @@ if reached base; then
 fi
 
 # ---------------------------------------------------------------------------------------------- build
-if reached build; then
+if reached build && [[ $rebuild -eq 0 ]] && podman image exists "$image"; then
+  stamp "image $image exists (--rebuild builds it again)"
+elif reached build; then
   t=$SECONDS
   pip_value() { "$python" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" | tail -1; }
   extra_index="${PIP_EXTRA_INDEX_URL:-$(pip_value extra-index-url)}"
@@ -118,7 +123,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------- up
 compose() {
-  FEDSPARSE_CERTS="$workdir/certs" FEDSPARSE_KEYS="$workdir/keys" FEDSPARSE_IMAGE="$image" \
+  FEDSPARSE_CERTS="$workdir/certs" FEDSPARSE_KEYS="$workdir/keys" \
   FEDSPARSE_EDGE_IMAGE="$base_image" EDGE_PUBLIC_PORT="$public_port" EDGE_OPERATOR_PORT="$operator_port" \
   FEDSPARSE_DATA_HOST="${FEDSPARSE_DATA_HOST:-$(dirname "$root")/shared/data}" \
     podman-compose --project-name "$project" --file "$root/docker-compose.yml" "$@"
@@ -141,7 +146,7 @@ if reached up; then
   chmod 0755 "$workdir/certs" "$workdir/keys"
   chmod 0644 "$workdir"/certs/*.crt "$workdir"/certs/*.key "$workdir"/certs/superexec.secret "$workdir"/keys/*
   rm -f "$workdir/certs/ca.key"  # nothing in the stack signs certificates
-  compose up -d superlink edge > "$workdir/up.log" 2>&1 || { tail -40 "$workdir/up.log" >&2; exit 1; }
+  compose up -d --no-build superlink edge > "$workdir/up.log" 2>&1 || { tail -40 "$workdir/up.log" >&2; exit 1; }
   for _ in $(seq 1 60); do
     (exec 3<>"/dev/tcp/127.0.0.1/$operator_port") 2>/dev/null && break
     sleep 2
@@ -149,7 +154,7 @@ if reached up; then
   sleep 5
   PATH="$(dirname "$python"):$PATH" bash "$here/register-supernodes.sh" --superlink "127.0.0.1:$operator_port" \
     --ca "$workdir/certs/ca.crt" "$workdir"/keys/supernode-*.pub
-  compose up -d superexec-serverapp supernode-1 superexec-clientapp-1 supernode-2 superexec-clientapp-2 \
+  compose up -d --no-build superexec-serverapp supernode-1 superexec-clientapp-1 supernode-2 superexec-clientapp-2 \
     supernode-3 superexec-clientapp-3 >> "$workdir/up.log" 2>&1 || { tail -40 "$workdir/up.log" >&2; exit 1; }
   stamp "stack up in $(( SECONDS - t ))s: public (Fleet) 127.0.0.1:$public_port, operator (Control) 127.0.0.1:$operator_port"
 fi

@@ -436,11 +436,13 @@ class LocalDeployment:
     def _new_node(self, index: int, partition_id: int, num_partitions: int, register: bool) -> SuperNode:
         key = None
         if self.tls:
-            # gen-*.sh keep what exists and add what is missing, so a later node just raises the count.
-            self._script("gen-keys.sh", str(self.keys), "--supernodes", str(index))
-            if self.isolation == "process":
-                self._script("gen-certs.sh", str(self.certs), "--supernodes", str(index))
+            # start() made the files of the first nodes at once; gen-*.sh keep what exists and add what is missing,
+            # so a node added later just raises the count.
             key = self.keys / f"supernode-{index}"
+            if not key.exists():
+                self._script("gen-keys.sh", str(self.keys), "--supernodes", str(index))
+            if self.isolation == "process" and not (self.certs / f"supernode-{index}.crt").exists():
+                self._script("gen-certs.sh", str(self.certs), "--supernodes", str(index))
         node = SuperNode(index=index, partition_id=partition_id, num_partitions=num_partitions,
                          port=free_port(self.ports), key=key, registered=False,
                          home=self.workdir / f"supernode-{index}", env=self.node_env.get(index, {}))
