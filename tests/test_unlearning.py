@@ -228,3 +228,17 @@ def test_retrain_ignores_the_original_weights(digits, trained):
 def test_head_mask_covers_the_last_linear_layer(trained):
     mask = head_mask(trained)
     assert set(mask) == {"3.weight", "3.bias"} and all(m.all() for m in mask.values())
+
+
+def test_cosine_schedule_matches_torchs_cosine_annealing():
+    from fedsparse.unlearning.core import Trainer
+
+    model = torch.nn.Linear(2, 2)
+    trainer = Trainer(model, UnlearnConfig(lr=0.1, epochs=5, cosine=True))
+    reference_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=5, eta_min=0.001)
+    for _ in range(5):
+        trainer.end_epoch()
+        reference_opt.step()
+        reference.step()
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-9)

@@ -187,3 +187,10 @@ def test_fraction_changed_and_evaluate_model():
                              seconds=1.5)
     assert metrics.fraction_changed == 1 / 15 and metrics.seconds == 1.5
     assert 0 <= metrics.forget_accuracy <= 1 and 0 <= metrics.mia_auc <= 1
+
+
+def test_confidence_arrays_must_match():
+    with pytest.raises(ValueError, match="one shape"):
+        per_example_epsilons(np.zeros((8, 3)), np.zeros((8, 4)))
+    with pytest.raises(ValueError, match="at least 3"):
+        per_example_epsilons(np.zeros((2, 3)), np.zeros((2, 3)))
