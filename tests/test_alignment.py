@@ -20,6 +20,7 @@ from fedsparse.alignment import (
     permutation_spec,
     random_permutation,
     repair,
+    reset_batchnorm_statistics,
     simplex_barrier,
     simplex_grid,
     weight_matching,
@@ -168,3 +169,17 @@ def test_repair_sets_interpolated_statistics():
                            for key in model_a.state_dict()})
     collapsed = record_channel_stats(plain, layers, batches)["1"].std
     assert float((collapsed - result.targets["1"].std).abs().max()) > 1e-3  # interpolation did shrink the std
+
+
+def test_reset_batchnorm_statistics_is_a_cumulative_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    batches = [torch.randn(8, 3), torch.randn(8, 3)]
+    reset_batchnorm_statistics(model, batches)
+    with torch.no_grad():
+        features = [model[0](batch) for batch in batches]
+    expected_mean = (features[0].mean(0) + features[1].mean(0)) / 2  # equal batch sizes: mean of batch means
+    expected_var = (features[0].var(0) + features[1].var(0)) / 2
+    torch.testing.assert_close(model[1].running_mean, expected_mean)
+    torch.testing.assert_close(model[1].running_var, expected_var)
+    assert model[1].momentum == 0.1 and model.training
