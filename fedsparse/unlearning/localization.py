@@ -36,12 +36,13 @@ GRANULARITIES = ("param", "channel")
 
 def localization_scores(model: nn.Module, forget: ArrayData, *, criterion: str = "weighted_grad",
                         batch_size: int = 128, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Per-entry scores (see the module docstring) for every parameter, on CPU; `model` is left unchanged."""
+    """Per-entry scores (see the module docstring) for every parameter, returned on CPU; `model` is left unchanged
+    and stays where it is (the batches go to `device`, by default the device of the model's parameters)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion '{criterion}'; known: {', '.join(CRITERIA)}")
-    device = device or torch.device("cpu")
+    device = device or next(model.parameters()).device
     was_training = model.training
-    model.to(device).eval()
+    model.eval()
     params = dict(model.named_parameters())
     if criterion == "weight":
         return {name: p.detach().abs().cpu() for name, p in params.items()}
