@@ -12,7 +12,9 @@ optimiser rebuilt by every client every round, as train_local does).
 Settings (`SETTINGS`): SGD and TAM at the project's lr 0.05 and momentum 0.9; Adam and AdaTAM at lr 1e-3, betas
 (0.9, 0.999); TAM's decay_rate 0.9 and eps 1e-8 are the defaults of merging.md B.2. The paper's own hyper-parameters
 and its lr-transfer rule were not found (merging.md B.2, H); `tam-2x` tries the UNVERIFIED guess that TAM, damping
-uncorrelated gradients by about 1/2, wants twice SGD's lr, and `adatam-bc` AdaTAM with Adam's bias correction.
+uncorrelated gradients by about 1/2, wants twice SGD's lr; `adatam-bc` is AdaTAM with Adam's bias correction and
+`adatam-lr1e-4` AdaTAM at a tenth of the lr: its momentum is a sum, not an average, so at equal lr its steps are
+about d / (1 - beta1) = 5 times Adam's, and larger still in the first steps without bias correction.
 
 Writes `curves.csv`, `fl_rounds.csv` (with --fl), `summary.csv` and `curves.png` under `--out`
 (default results/bench_optim), and prints the summary table.
@@ -59,6 +61,7 @@ SETTINGS: dict[str, Setting] = {
     "adatam": Setting("adatam", 1e-3),
     "tam-2x": Setting("tam", 0.1),
     "adatam-bc": Setting("adatam", 1e-3, extra={"bias_correction": True}),
+    "adatam-lr1e-4": Setting("adatam", 1e-4),
 }
 CURVE_COLUMNS = ["setting", "step", "epoch", "test_accuracy", "test_loss", "train_loss", "mean_damping", "seconds"]
 
