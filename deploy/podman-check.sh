@@ -124,7 +124,8 @@ fi
 # ---------------------------------------------------------------------------------------------- up
 compose() {
   FEDSPARSE_CERTS="$workdir/certs" FEDSPARSE_KEYS="$workdir/keys" \
-  FEDSPARSE_EDGE_IMAGE="$base_image" EDGE_PUBLIC_PORT="$public_port" EDGE_OPERATOR_PORT="$operator_port" \
+  FEDSPARSE_EDGE_IMAGE="$base_image" EDGE_PUBLIC_BIND=127.0.0.1 EDGE_PUBLIC_PORT="$public_port" \
+  EDGE_OPERATOR_PORT="$operator_port" \
   FEDSPARSE_DATA_HOST="${FEDSPARSE_DATA_HOST:-$(dirname "$root")/shared/data}" \
     podman-compose --project-name "$project" --file "$root/docker-compose.yml" "$@"
 }
