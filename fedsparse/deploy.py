@@ -16,7 +16,9 @@ Tests drive the same code through `LocalDeployment`:
         status = dep.wait(run_id, timeout=300)
 
 Every start has its own folder (certificates, keys, one FLWR_HOME per component, logs, run outputs) and its own
-free ports, so two deployments on one machine never meet.
+free ports, so two deployments on one machine never meet. With `edge_proxy=True` (`--edge-proxy`) nginx stands in
+front of the SuperLink as in docker-compose.yml (`fedsparse.edge_proxy`): the SuperNodes dial its Fleet-only port,
+the CLI its Control-only port, and `PUBLIC_CONNECTION` names the CLI pointed at the Fleet-only port (refused).
 """
 
 from __future__ import annotations
@@ -779,8 +781,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="process: SuperExecs are separate processes, as in docker-compose.yml (default)")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (local trials only, like docker-compose.insecure.yml)")
+    parser.add_argument("--edge-proxy", action="store_true",
+                        help="nginx in front of the SuperLink: nodes dial its Fleet-only port, the CLI its "
+                             "Control-only port (as the compose `edge` service; needs nginx and TLS)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run (default 1800)")
     args = parser.parse_args(argv)
+    if args.edge_proxy and args.insecure:
+        parser.error("--edge-proxy terminates TLS: it cannot be combined with --insecure")
     try:
         overrides = parse_assignments(args.set)
         if "output-dir" in overrides:
@@ -797,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # unwinds through the finally blocks, which stop every process
 
     signal.signal(signal.SIGTERM, on_term)
-    dep = LocalDeployment(nodes=args.nodes, workdir=args.workdir, isolation=args.isolation, tls=not args.insecure)
+    dep = LocalDeployment(nodes=args.nodes, workdir=args.workdir, isolation=args.isolation, tls=not args.insecure,
+                          edge_proxy=args.edge_proxy)
     try:
         with dep:
             run_id = dep.submit(overrides)
