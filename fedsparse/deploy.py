@@ -49,6 +49,7 @@ CONNECTION = "fedsparse-local"  # the connection name written to the CLI's confi
 # With the edge proxy: the same CLI pointed at the proxy's public (Fleet-only) port, which must refuse it.
 PUBLIC_CONNECTION = "fedsparse-public"
 FINISHED_OK = "finished:completed"
+CLIENT_NICENESS = 10  # scheduling priority of the SuperNodes' SuperExecs (hence of their ClientApp processes)
 
 # The run the CLI submits when nothing is overridden: small enough for a laptop, sparse like the paper.
 DEFAULT_RUN = {"strategy": "ssfl", "dataset": "digits", "sparsity": 0.9, "num-rounds": 3, "local-epochs": 1,
@@ -349,8 +350,12 @@ class LocalDeployment:
         })
         return env
 
-    def _spawn(self, name: str, args: list[str], home: Path, extra_env: dict[str, str] | None = None) -> Proc:
+    def _spawn(self, name: str, args: list[str], home: Path, extra_env: dict[str, str] | None = None,
+               niceness: int = 0) -> Proc:
         home.mkdir(parents=True, exist_ok=True)
+        nice = shutil.which("nice")
+        if niceness and nice:
+            args = [nice, "-n", str(niceness), *args]  # nice execs the command: the pid stays the component's
         log_path = self.logs / f"{name}.log"
         with log_path.open("ab") as out:
             # A session of its own: Ctrl-C in the terminal reaches only us, and the group id is the pid.
@@ -476,11 +481,15 @@ class LocalDeployment:
                      *self._superexec_auth_args()]
         log_path = self.logs / f"{node.name}.log"
         node.log_offset = len(log_path.read_text(errors="replace")) if log_path.exists() else 0
-        node.procs = [self._spawn(node.name, args, node.home, node.env)]
+        # Subprocess isolation: the SuperNode spawns the SuperExec (and it the ClientApps), which inherit its priority.
+        node.procs = [self._spawn(node.name, args, node.home, node.env,
+                                  niceness=CLIENT_NICENESS if self.isolation == "subprocess" else 0)]
         if self.isolation == "process":
+            # Its ClientApps do the CPU-heavy work; at a lower priority they cannot starve the SuperLink and the
+            # ServerApp (whose 60 s heartbeat a loaded machine once made it miss), only each other.
             node.procs.append(self._spawn(f"superexec-{node.name}", [
                 self._bins["flower-superexec"], *self._tls_client_args(), *self._superexec_auth_args(),
-                "--runtime-api-address", f"127.0.0.1:{node.port}"], node.home, node.env))
+                "--runtime-api-address", f"127.0.0.1:{node.port}"], node.home, node.env, niceness=CLIENT_NICENESS))
         self.log(f"{node.name} started: partition {node.partition_id}/{node.num_partitions}, "
                   f"runtime port {node.port}, "
                  f"{'no authentication' if not self.tls else 'key registered' if node.registered else 'key NOT registered'}"
