@@ -15,8 +15,9 @@ Setup (defaults; every number is a flag):
   (F, and F x retain ratio x test ratio). With N = 8 the score resolves eps only up to ln 7 = 1.95: its levels are
   1, 1/2, 1/4, 1/8 and 0 (see `fedsparse.unlearning.evaluate.epsilon_resolution`).
 
-Writes `results.csv`, `table.md` and `scores.png` under `--out` (default results/bench_unlearning) and prints the
-table. One torch thread.
+Writes `results.csv`, `table.md` and `scores.png` under `--out` (default results/bench_unlearning), rewritten after
+every method, and prints the table. One torch thread. The two forget settings are independent: run them as two
+processes (`--kinds uniform --out A`, `--kinds class --out B`) to use two cores.
 
     python simulations/bench_unlearning.py [--models 8] [--kinds uniform class] [--methods del finetune ...]
 """
@@ -229,9 +230,11 @@ def main() -> None:
         split = make_split(kind, train, test, args)
         oracle = run_models("retrain", original, split, args)
         rows.append(summarise("retrain", kind, oracle, oracle))
+        write_outputs(rows, Path(args.out), args.models)
         print(f"[{kind}] retrain x{args.models}: {time.perf_counter() - started:.0f} s", flush=True)
         for method in args.methods:
             rows.append(summarise(method, kind, run_models(method, original, split, args), oracle))
+            write_outputs(rows, Path(args.out), args.models)  # after every method: a cut-short run keeps its rows
             print(f"[{kind}] {method}: score {rows[-1]['score']:.3f}, test acc {rows[-1]['test_acc']:.3f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     print(write_outputs(rows, Path(args.out), args.models))
