@@ -21,18 +21,28 @@ DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-s
 SSFL10 = (*DIGITS, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.3", "num-rounds=3")
 
 
-def kill_orphaned_ray_workers() -> None:
-    """A SIGKILLed driver can leave Ray actors re-parented to init and spinning; reap them (ours are the only
-    orphaned `ray::` processes a test run can leave)."""
+TEST_TOKEN = "FEDSPARSE_TEST_RUN"  # env var naming the processes one test started (inherited by Ray's workers)
+
+
+def kill_processes_started_with(token: str) -> list[int]:
+    """SIGKILL every process whose environment holds `TEST_TOKEN=token`: the driver a test started and all it
+    spawned (raylet, GCS, workers, re-parented to init or not), and nothing else on the machine. Returns the pids."""
+    marker = f"{TEST_TOKEN}={token}".encode()
+    killed = []
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+        if pid == os.getpid():
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == 1 and cmdline.startswith(b"ray::"):
-            os.kill(pid, signal.SIGKILL)
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environ:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
 
 
 def rounds(out):
@@ -103,7 +113,7 @@ def test_bytes_per_round_equal_the_formula(runs, name, dtype, width):
     config_down = (len("server-round") + 8) + (len("lr") + 8) + len("value-dtype") + len(dtype) \
         + len("mask-fingerprint") + len(fp)
     metrics_up = sum(len(k) + 8 for k in ("num-examples", "train-loss", "partition-id"))
-    config_up = len("mask-fingerprint") + len(fp)
+    config_up = len("mask-fingerprint") + len(fp) + len("server-round") + 8  # the reply echoes mask and round
     for r in rounds(runs[name]):
         assert r["bytes_down"] == r["clients"] * (payload + config_down)
         assert r["bytes_up"] == r["clients"] * (payload + metrics_up + config_up)
@@ -141,14 +151,46 @@ def test_report_compares_runs_in_one_table_and_plot(runs, tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path):
+FAULT_APP = ("--client-app", "tests.faults:app")  # our ClientApp behind the test-only fault mod
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ("huge-update", "exceeds 50 x the round's median norm"),  # 3e38 everywhere: once made the model NaN
+    pytest.param("nan", "NaN", marks=pytest.mark.slow),
+    pytest.param("huge-num-examples", "exceeds the", marks=pytest.mark.slow),
+    pytest.param("stale-round", "stale reply", marks=pytest.mark.slow),
+])
+def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path, monkeypatch, fault, reason):
+    monkeypatch.setenv("FEDSPARSE_TEST_FAULT", f"2:{fault}")  # reaches the Ray workers through the environment
     out = tmp_path / "fault"
     fedsparse_run(out, *DIGITS, "num-clients=4", "num-rounds=2", "strategy=ssfl", "sparsity=0.5",
-                  "partitioner=iid", "fault-partition=2", "client-fault=nan")
+                  "partitioner=iid", extra=FAULT_APP)
     s, rows = summary(out), rounds(out)
     assert [r["rejected"] for r in rows] == [1, 1] and [r["clients"] for r in rows] == [3, 3]
-    assert len(s["failures"]) == 2 and all("NaN" in f["reason"] for f in s["failures"])
+    assert len(s["failures"]) == 2 and all(reason in f["reason"] for f in s["failures"]), s["failures"]
     assert s["best_accuracy"] > 0.3  # the other clients' updates were applied
+
+
+@pytest.mark.slow
+def test_a_node_that_lost_its_mask_trains_again_in_simulation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSPARSE_TEST_FAULT", "1:lose-mask")  # partition 1 forgets its mask before round 2
+    out = tmp_path / "rejoin"
+    fedsparse_run(out, *DIGITS, "num-clients=3", "num-rounds=3", "strategy=random", "sparsity=0.5",
+                  "partitioner=iid", "local-epochs=1", extra=FAULT_APP)
+    s, rows = summary(out), rounds(out)
+    assert [r["clients"] for r in rows] == [3, 2, 3]
+    assert len(s["failures"]) == 1 and "no installed mask matches" in s["failures"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_train_exits_non_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSPARSE_TEST_FAULT", "0:huge-num-examples")  # the only client lies about its weight
+    out = tmp_path / "untrainable"
+    proc = fedsparse_run(out, "dataset=digits", "num-clients=1", "num-rounds=2", "model=mlp", extra=FAULT_APP,
+                         check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "none of the 1 train replies was accepted" in proc.stderr
+    assert not (out / "summary.json").exists()
 
 
 def test_kill_and_resume_gives_the_same_final_model(tmp_path):
@@ -158,8 +200,9 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
 
     crashed = tmp_path / "crashed"
     cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--ray-cpus", "2", "--out", str(crashed), "--set", *settings]
+    token = f"{os.getpid()}-{time.time_ns()}"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, TEST_TOKEN: token})
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -169,7 +212,7 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        kill_orphaned_ray_workers()
+        kill_processes_started_with(token)  # Ray's processes outside the driver's process group
     done_before = len(rounds(crashed))
     assert 2 <= done_before < 5, "the run was not interrupted mid-way"
     assert not (crashed / "summary.json").exists()
