@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))  # server/ and client/ are the Flower app's components, loaded from the app dir
 
+# What every learning test trains with: digits (always offline) and plain SGD with mild momentum. An earlier setup
+# (lr 0.1, momentum 0.9, 3 local epochs, Dirichlet 0.3) diverged to chance on some seeds and CPUs. These settings
+# were checked over seeds 1, 2, 3, 4 and 42 through `fedsparse run`: SSFL at 90% sparsity, 10 clients, Dirichlet
+# 0.5, 8 rounds ends at 75-85% (float16 values alike); the tests ask for far less than that.
+LEARNING = ("dataset=digits", "lr=0.05", "momentum=0.5", "local-epochs=2", "batch-size=8")
+
 
 @pytest.fixture
 def task_identity():

@@ -15,10 +15,11 @@ import torch
 
 from fedsparse import sparse
 from fedsparse.models import build_model, maskable_names
-from tests.conftest import REPO, fedsparse_run, summary
+from tests.conftest import LEARNING, REPO, fedsparse_run, summary
 
-DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-size=16")
-SSFL10 = (*DIGITS, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.3", "num-rounds=3")
+DIGITS = LEARNING
+SSFL_ROUNDS = 8
+SSFL10 = (*DIGITS, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.5", f"num-rounds={SSFL_ROUNDS}")
 
 
 TEST_TOKEN = "FEDSPARSE_TEST_RUN"  # env var naming the processes one test started (inherited by Ray's workers)
@@ -65,11 +66,11 @@ def runs(tmp_path_factory):
 
 def test_fedavg_on_5_clients_learns_and_its_files_agree(tmp_path):
     out = tmp_path / "fedavg5"
-    proc = fedsparse_run(out, *DIGITS, "num-clients=5", "num-rounds=3", "strategy=fedavg")
-    assert "round 3/3" in proc.stderr  # one progress line per round
+    proc = fedsparse_run(out, *DIGITS, "num-clients=5", "num-rounds=4", "strategy=fedavg")
+    assert "round 4/4" in proc.stderr  # one progress line per round
     s, rows = summary(out), rounds(out)
-    assert s["final_accuracy"] > 0.3, s["final_accuracy"]  # chance is 0.1
-    assert s["rounds"] == len(rows) == 3
+    assert s["final_accuracy"] > 0.5, s["final_accuracy"]  # chance is 0.1; seeds 1-3 checked: 0.84 and up
+    assert s["rounds"] == len(rows) == 4
     assert s["final_accuracy"] == pytest.approx(rows[-1]["test_accuracy"])
     assert s["best_accuracy"] == pytest.approx(max(r["test_accuracy"] for r in rows))
     assert s["bytes_down"] == sum(r["bytes_down"] for r in rows)
@@ -85,8 +86,8 @@ def test_fedavg_on_5_clients_learns_and_its_files_agree(tmp_path):
 def test_ssfl_learns_and_moves_9x_fewer_bytes_than_fedavg(runs):
     dense, ssfl, ssfl16 = (summary(runs[k]) for k in ("fedavg", "ssfl", "ssfl16"))
     print({k: round(summary(runs[k])["final_accuracy"], 4) for k in runs})
-    assert ssfl["final_accuracy"] > 0.3 and ssfl16["final_accuracy"] > 0.3  # chance is 0.1
-    per_round = {k: (summary(v)["bytes_down"] + summary(v)["bytes_up"]) / 3 for k, v in runs.items()}
+    assert ssfl["final_accuracy"] > 0.5 and ssfl16["final_accuracy"] > 0.5  # chance 0.1; seeds checked: 0.75-0.85
+    per_round = {k: (summary(v)["bytes_down"] + summary(v)["bytes_up"]) / SSFL_ROUNDS for k, v in runs.items()}
     print({k: round(per_round["fedavg"] / v, 2) for k, v in per_round.items()})
     assert per_round["fedavg"] / per_round["ssfl"] >= 9
     assert per_round["fedavg"] / per_round["ssfl16"] >= 18

@@ -15,10 +15,9 @@ from fedsparse.replies import NodeInfo
 from fedsparse.results import read_rounds
 from server.strategies import STRATEGIES
 from server.strategies.base import Channel
-from tests.conftest import fedsparse_run, reply_to, summary
+from tests.conftest import LEARNING, fedsparse_run, reply_to, summary
 
 DENSITY = 0.1
-DIGITS = ("dataset=digits", "lr=0.1", "momentum=0.9", "local-epochs=3", "batch-size=16")
 
 
 def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16"):
@@ -199,7 +198,7 @@ def test_the_handler_sends_later_what_it_did_not_send_now(task_identity, monkeyp
 
 def test_topk_simulation_learns_with_half_of_fedlabs_uplink(tmp_path):
     out = tmp_path / "topk"
-    fedsparse_run(out, *DIGITS, "num-clients=5", "num-rounds=2", "strategy=topk", "topk-density=0.1",
+    fedsparse_run(out, *LEARNING, "num-clients=5", "num-rounds=4", "strategy=topk", "topk-density=0.1",
                   "value-dtype=float16")
     s, rows = summary(out), read_rounds(out / "rounds.csv")
     assert s["best_accuracy"] > 0.3, s["best_accuracy"]  # chance is 0.1
