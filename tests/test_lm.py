@@ -241,3 +241,26 @@ def test_gradient_ascent_raises_forget_loss_and_ends_extraction():
     assert trace[-1].forget_loss > trace[0].forget_loss + 2.0
     assert trace[-1].extraction_rate == 0.0
     np.testing.assert_allclose(sequence_losses(model, tokenizer, forget.examples), before)  # input model untouched
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_find_shakespeare(), reason="tiny-shakespeare is absent")
+def test_bench_lm_unlearning_smoke(tmp_path):
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "simulations" / "bench_lm_unlearning.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_unlearning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--out", str(tmp_path), "--train-steps", "10", "--train-chars", "50000", "--forget-size", "4",
+            "--n-layer", "1", "--n-embd", "32", "--block-size", "32", "--example-len", "32", "--prefix-len", "8",
+            "--unlearn-steps", "4", "--eval-every", "2", "--val-windows", "4"]
+    bench.main(args)
+    for name in ("trace.csv", "examples.csv", "training.csv", "summary.json", "unlearning.png", "vocab.json"):
+        assert (tmp_path / name).is_file()
+    with (tmp_path / "trace.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 0, 2, 4]
+    bench.main([*args, "--reuse-models"])  # the saved models load back
