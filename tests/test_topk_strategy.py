@@ -211,3 +211,15 @@ def test_topk_simulation_learns_with_half_of_fedlabs_uplink(tmp_path):
         print(f"uplink per client {per_client:.0f} B, FedLab {fedlab} B: {fedlab / per_client:.2f}x")
         assert fedlab / per_client >= 2
         assert r["logical_up"] <= r["bytes_up"] <= 1.01 * r["logical_up"] + r["clients"] * (128 + 200)
+
+
+def test_a_reply_is_bound_to_the_round_configure_train_prepared(task_identity):
+    strategy, state = make_topk()
+    strategy.configure_train(3, state, [1, 2])
+    buf, _ = random_update(strategy, 1)
+    current, stale = topk_reply(1, 10, buf), topk_reply(2, 10, buf)
+    current.content["config"]["server-round"] = 3  # topk_reply answers round 1: an earlier round's reply
+    channel = Channel(None, 1.0)
+    _, metrics = strategy.aggregate_train(3, [current, stale], channel)
+    assert metrics["accepted"] == 1 and channel.failures[0]["node_id"] == 2
+    assert "server-round 1, this is round 3" in channel.failures[0]["reason"]

@@ -65,7 +65,9 @@ class TopK(FedAvg):
                            "config": self.train_config(server_round)})
 
     def configure_train(self, server_round: int, state: sparse.State, node_ids: list[int]) -> list[Message]:
+        """The train.topk messages of `server_round`: the dense model and the config, to every node."""
         self.global_state = state
+        self.server_round = server_round
         content = self.train_content(server_round, state)
         return [Message(content, dst_node_id=n, message_type=MESSAGE_TYPE) for n in node_ids]
 
