@@ -166,3 +166,11 @@ def test_a_malformed_info_reply_drops_only_that_node(task_identity, tmp_path, mo
     [failure] = summary["failures"]
     assert failure["node_id"] == 14 and failure["reason"].startswith(f"dropped node: {reason}")
     assert (14, "train") not in grid.log and summary["rounds"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ssfl", "random", "magnitude", "topk"])
+def test_every_strategy_runs_clean_through_the_loop(task_identity, tmp_path, strategy):
+    grid = HandlerGrid(BASE, {11: 0, 12: 1, 13: 2})
+    summary = run(tmp_path, grid, strategy=strategy, **{"num-rounds": 2, "warmup-rounds": 1})
+    assert summary["failures"] == [] and summary["rounds"] == 2
+    assert [r["clients"] for r in read_rounds(tmp_path / "out" / "rounds.csv")] == [3, 3]
