@@ -201,7 +201,7 @@ def test_topk_simulation_learns_with_half_of_fedlabs_uplink(tmp_path):
     fedsparse_run(out, *LEARNING, "num-clients=5", "num-rounds=4", "strategy=topk", "topk-density=0.1",
                   "value-dtype=float16")
     s, rows = summary(out), read_rounds(out / "rounds.csv")
-    assert s["best_accuracy"] > 0.3, s["best_accuracy"]  # chance is 0.1
+    assert s["best_accuracy"] > 0.5, s["best_accuracy"]  # chance is 0.1; seeds 1-3 checked: 0.8 and up
     model = build_model("cnn", (1, 16, 16), 10)
     kept = round(0.1 * sum(v.numel() for v in model.state_dict().values()))
     fedlab = codec.fedlab_topk_bytes(kept)
