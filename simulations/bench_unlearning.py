@@ -80,8 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, default=1_000, help="test images and retain images evaluated")
     parser.add_argument("--forget-fraction", type=float, default=0.1)
     parser.add_argument("--kinds", nargs="+", default=["uniform", "class"], choices=["uniform", "class"])
-    parser.add_argument("--methods", nargs="+", default=[m for m in UNLEARNING_METHODS if m != "retrain"],
-                        choices=[m for m in UNLEARNING_METHODS if m != "retrain"])
+    methods = ["del"] + [m for m in UNLEARNING_METHODS if m not in ("retrain", "del")]  # the method of interest first
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--models", type=int, default=8, help="N unlearned and N retrained models per setting")
     parser.add_argument("--train-epochs", type=int, default=2, help="epochs of the original and retrained models")
     parser.add_argument("--unlearn-retain", type=int, default=2_500, help="retain images per unlearning run")
