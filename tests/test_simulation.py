@@ -169,7 +169,7 @@ def test_a_client_sending_garbage_is_rejected_and_the_run_completes(tmp_path, mo
     s, rows = summary(out), rounds(out)
     assert [r["rejected"] for r in rows] == [1, 1] and [r["clients"] for r in rows] == [3, 3]
     assert len(s["failures"]) == 2 and all(reason in f["reason"] for f in s["failures"]), s["failures"]
-    assert s["best_accuracy"] > 0.3  # the other clients' updates were applied
+    assert s["best_accuracy"] > 0.5  # the other clients learned (seeds 1-3: 0.80-0.84 best in 2 rounds)
 
 
 @pytest.mark.slow
