@@ -196,7 +196,9 @@ def encode_topk_update(update: np.ndarray, residual: np.ndarray | None, density:
     """
     idx, vals, residual = topk.compress(update.astype(np.float32, copy=False), residual, density)
     buf = codec.encode_sparse(update.size, idx, vals, value_dtype)
-    sent = codec.decode(buf, max_elements=update.size).reshape(-1)  # exactly what the server will see
+    _, sent_idx, sent_vals = codec.decode_sparse(buf, max_elements=update.size)  # what the server will see
+    sent = np.zeros(update.size, dtype=np.float32)
+    sent[sent_idx] = sent_vals
     residual[idx] += vals - sent[idx]  # (a dense-layout buffer also carries zeros off idx: they change nothing)
     return buf, residual
 
