@@ -1,0 +1,39 @@
+"""Continual learning as functions over models, tensors and state dicts (no Flower needed).
+
+- `streams`: `Task` and the stream builders (diverse domains, split and permuted Fashion-MNIST).
+- `sfa`: SFA's averaging step, its schedule, a client-side after-step callback and the server-side round variant.
+- `penalties`: L2 / EWC quadratic penalties toward an anchor, the diagonal Fisher and its aggregation.
+- `replay`: a bounded, seeded per-client buffer of past-task examples.
+- `metrics`: accuracy matrix metrics (average accuracy, forgetting, backward transfer), CSV and heat map.
+- `driver`: `run_stream`, a centralised trainer through a stream with one method.
+"""
+
+from fedsparse.continual.driver import METHODS, StreamConfig, StreamResult, run_stream, steps_per_task, train_task
+from fedsparse.continual.metrics import (
+    ContinualSummary,
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    plot_matrix,
+    summarize,
+    write_matrix_csv,
+)
+from fedsparse.continual.penalties import (
+    FisherEstimate,
+    QuadraticPenalty,
+    aggregate_fishers,
+    estimate_fisher,
+    ewc_penalty,
+    l2_penalty,
+)
+from fedsparse.continual.replay import ReplayBuffer, with_replay
+from fedsparse.continual.sfa import ServerSFA, SFACallback, SFAConfig, SFASchedule, average_model_, sfa_average
+from fedsparse.continual.streams import Task, domain_stream, permuted_stream, split_stream
+
+__all__ = [
+    "METHODS", "ContinualSummary", "FisherEstimate", "QuadraticPenalty", "ReplayBuffer", "SFACallback", "SFAConfig",
+    "SFASchedule", "ServerSFA", "StreamConfig", "StreamResult", "Task", "aggregate_fishers", "average_accuracy",
+    "average_forgetting", "average_model_", "backward_transfer", "domain_stream", "estimate_fisher", "ewc_penalty",
+    "l2_penalty", "permuted_stream", "plot_matrix", "run_stream", "sfa_average", "split_stream", "steps_per_task",
+    "summarize", "train_task", "with_replay", "write_matrix_csv",
+]

@@ -1,0 +1,162 @@
+"""A centralised continual-learning driver: train one model through a task stream with one method and return the
+accuracy matrix. The same pieces (penalties, SFA callbacks, replay buffers) are what a federated client procedure
+calls; this driver is the paper's setting (one learner holding all data) without Flower.
+
+Methods (`METHODS`):
+- `finetune`: plain training on each task in turn.
+- `sfa`: after-step averaging with the previous task's final model (`SFACallback`; schedule over the task's
+  optimiser steps; the first task is averaged only if `SFAConfig.average_first_task`).
+- `l2`: cross-entropy + lambda/2 ||theta - theta_prev||^2 from the second task on.
+- `ewc`: cross-entropy + lambda/2 sum F (theta - theta_prev)^2, F the accumulated empirical Fisher of past tasks.
+- `replay`: each task trained on its data plus the whole replay buffer of past-task examples.
+
+Invariants:
+- `train_task` with no penalty and no callbacks performs exactly the computation of `fedsparse.train.train_local`
+  (without masks): same batches for the same seed, same optimiser, so the same weights bit for bit.
+- Task i trains with seed `config.seed * 1000 + i`; row i of the matrix is measured right after task i ends (after
+  SFA's end-of-task averaging), on every task's test set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsparse.continual.penalties import (
+    FisherEstimate,
+    QuadraticPenalty,
+    accumulate_fisher,
+    estimate_fisher,
+    ewc_penalty,
+    l2_penalty,
+)
+from fedsparse.continual.replay import ReplayBuffer, with_replay
+from fedsparse.continual.sfa import SFACallback, SFAConfig, SFASchedule, StateDict, snapshot
+from fedsparse.continual.streams import Task
+from fedsparse.optim import build_optimizer
+from fedsparse.train import TrainConfig, evaluate
+
+METHODS = ("finetune", "sfa", "l2", "ewc", "replay")
+StepCallback = Callable[[nn.Module, int], None]  # (model, 1-based step), called after every optimiser step
+
+
+def steps_per_task(num_examples: int, config: TrainConfig) -> int:
+    """Optimiser steps `train_task` takes on `num_examples` examples: epochs * ceil(n / batch size)."""
+    return config.epochs * math.ceil(num_examples / config.batch_size)
+
+
+def train_task(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *, seed: int,
+               penalty: QuadraticPenalty | None = None, callbacks: Sequence[StepCallback] = (),
+               device: torch.device | None = None) -> float:
+    """Train `model` in place on (x, y) with loss = cross-entropy + penalty(model); call every callback after each
+    optimiser step. Returns the mean cross-entropy (without the penalty). Deterministic for `seed` on CPU."""
+    device = device or torch.device("cpu")
+    model.to(device).train()
+    optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    total, count, step = 0.0, 0, 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            xb, yb = xt[idx].to(device), yt[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            task_loss = loss_fn(model(xb), yb)
+            loss = task_loss if penalty is None else task_loss + penalty(model)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            for callback in callbacks:
+                callback(model, step)
+            total += task_loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Settings of `run_stream`: local training, the seed, and each method's knobs (unused ones are ignored)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    sfa: SFAConfig = field(default_factory=SFAConfig)
+    l2_strength: float = 1.0
+    ewc_strength: float = 100.0
+    fisher_examples: int | None = 500
+    fisher_labels: str = "empirical"
+    replay_capacity: int = 500
+    replay_strategy: str = "reservoir"
+
+
+@dataclass
+class StreamResult:
+    """What `run_stream` measured. `accuracy[i, j]`: accuracy on task j after task i (see `metrics`).
+
+    `sfa_steps[i]`: the steps of task i after which SFA averaged (empty for other methods). With `keep_states`,
+    `final_states[i]` is the model after task i and `anchors[i]` the anchor task i trained against (None if none)."""
+
+    accuracy: np.ndarray
+    task_names: list[str]
+    losses: list[float]
+    sfa_steps: list[list[int]]
+    final_states: list[StateDict] = field(default_factory=list)
+    anchors: list[StateDict | None] = field(default_factory=list)
+
+
+def run_stream(model: nn.Module, tasks: Sequence[Task], method: str, config: StreamConfig | None = None, *,
+               keep_states: bool = False, device: torch.device | None = None) -> StreamResult:
+    """Train `model` (in place) through `tasks` with `method` (one of `METHODS`); return the accuracy matrix."""
+    if method not in METHODS:
+        raise ValueError(f"unknown continual method {method!r}; choose one of {', '.join(METHODS)}")
+    if not tasks:
+        raise ValueError("the task stream is empty")
+    config = config or StreamConfig()
+    device = device or torch.device("cpu")
+    accuracy = np.full((len(tasks), len(tasks)), np.nan)
+    result = StreamResult(accuracy, [task.name for task in tasks], [], [])
+    buffer = ReplayBuffer(config.replay_capacity, strategy=config.replay_strategy, seed=config.seed)
+    anchor: StateDict | None = None  # the previous task's final model
+    fisher: FisherEstimate | None = None
+    for index, task in enumerate(tasks):
+        x, y = (with_replay(task.x_train, task.y_train, buffer) if method == "replay"
+                else (task.x_train, task.y_train))
+        penalty: QuadraticPenalty | None = None
+        callbacks: list[StepCallback] = []
+        sfa_callback: SFACallback | None = None
+        if method == "sfa" and (anchor is not None or config.sfa.average_first_task):
+            task_anchor = anchor if anchor is not None else snapshot(model)
+            sfa_callback = SFACallback(task_anchor, SFASchedule(steps_per_task(len(x), config.train), config.sfa.p),
+                                       config.sfa.beta)
+            callbacks.append(sfa_callback)
+        elif method == "l2" and anchor is not None:
+            penalty = l2_penalty(anchor, config.l2_strength)
+        elif method == "ewc" and anchor is not None and fisher is not None:
+            penalty = ewc_penalty(anchor, fisher, config.ewc_strength)
+        if keep_states:
+            result.anchors.append(sfa_callback.anchor if sfa_callback else (anchor if penalty else None))
+        loss = train_task(model, x, y, config.train, seed=config.seed * 1000 + index, penalty=penalty,
+                          callbacks=callbacks, device=device)
+        result.losses.append(loss)
+        result.sfa_steps.append(list(sfa_callback.averaged_at) if sfa_callback else [])
+        if method == "ewc":
+            estimate = estimate_fisher(model, task.x_train, task.y_train, labels=config.fisher_labels,
+                                       max_examples=config.fisher_examples, seed=config.seed, device=device)
+            fisher = accumulate_fisher(fisher, estimate)
+        if method == "replay":
+            buffer.add_task(index, task.x_train, task.y_train)
+        anchor = {key: value.cpu() for key, value in snapshot(model).items()}
+        if keep_states:
+            result.final_states.append(anchor)
+        for column, other in enumerate(tasks):
+            accuracy[index, column] = evaluate(model, other.x_test, other.y_test, device=device)[1]
+    return result
