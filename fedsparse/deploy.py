@@ -19,6 +19,7 @@ Every start has its own folder (certificates, keys, one FLWR_HOME per component,
 free ports, so two deployments on one machine never meet. With `edge_proxy=True` (`--edge-proxy`) nginx stands in
 front of the SuperLink as in docker-compose.yml (`fedsparse.edge_proxy`): the SuperNodes dial its Fleet-only port,
 the CLI its Control-only port, and `PUBLIC_CONNECTION` names the CLI pointed at the Fleet-only port (refused).
+Process handling (ports, stopping a component with everything it spawned) lives in `fedsparse.deploy_processes`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +42,7 @@ from typing import Any, Self
 
 from fedsparse import edge_proxy
 from fedsparse.config import ConfigError, parse_assignments, resolve
+from fedsparse.deploy_processes import DeploymentError, Proc, free_port, port_open
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml, server/, client/
 DEPLOY_DIR = APP_DIR / "deploy"  # gen-certs.sh, gen-keys.sh, register-supernodes.sh
@@ -56,124 +57,11 @@ DEFAULT_RUN = {"strategy": "ssfl", "dataset": "digits", "sparsity": 0.9, "num-ro
                "round-timeout": 120.0}
 
 
-class DeploymentError(RuntimeError):
-    """A component did not start, a command failed, or a run did not end in time; the message says which."""
-
-
 Log = Callable[[str], None]
 
 
 def _print(msg: str) -> None:
     print(f"[deploy] {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-def free_port(taken: set[int] | None = None) -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on now: the kernel's pick for port 0."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if taken is None or port not in taken:
-            if taken is not None:
-                taken.add(port)
-            return port
-    raise DeploymentError("no free TCP port found on 127.0.0.1")
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a process, from /proc; None if it is gone (or no /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[1]), int(fields[19])
-
-
-def descendants(pid: int) -> dict[int, int]:
-    """{pid: start time} of every process below `pid` (SuperExec, flwr-serverapp, flwr-clientapp, ...).
-
-    The start time identifies a process beyond its pid, so a later signal never reaches a process that got a
-    recycled pid after ours exited.
-    """
-    tree: dict[int, list[tuple[int, int]]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        st = _stat(int(entry.name))
-        if st is not None:
-            tree.setdefault(st[0], []).append((int(entry.name), st[1]))
-    out: dict[int, int] = {}
-    todo = [pid]
-    while todo:
-        for child, started in tree.get(todo.pop(), []):
-            out[child] = started
-            todo.append(child)
-    return out
-
-
-@dataclass
-class Proc:
-    """One long-lived process this module started, in its own session (so its group id is its pid)."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, sig: int = signal.SIGTERM, grace: float = 8.0) -> None:
-        """Signal the process, its group and every descendant by PID; SIGKILL whatever outlives `grace`.
-
-        Flower's components spawn helpers (SuperExec, then one flwr-serverapp or flwr-clientapp per task); the
-        group covers those that stay in it, the PID list those that left it or were orphaned on the way.
-        """
-        known = descendants(self.pid)
-        self._signal(known, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self.alive() or any(_stat(p) for p in known)):
-            time.sleep(0.1)
-        if sig != signal.SIGKILL:
-            self._signal({**known, **descendants(self.pid)}, signal.SIGKILL)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def _signal(self, others: dict[int, int], sig: int) -> None:
-        if self.popen.poll() is None:  # not reaped yet, so the pid (and group id) is still ours
-            for send in (os.killpg, os.kill):
-                try:
-                    send(self.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for pid, started in others.items():
-            st = _stat(pid)
-            if st is None or st[1] != started:
-                continue  # gone, or the pid now belongs to another process
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @dataclass
