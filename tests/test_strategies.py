@@ -294,3 +294,26 @@ def test_a_node_reporting_a_missing_mask_gets_it_again_before_the_next_round(tas
     assert sorted(m.metadata.dst_node_id for m in sent) == [2, 3]
     assert all(m.metadata.message_type == "query.install_mask" for m in sent)
     assert strategy.holders == {1, 2, 3}
+
+
+def test_a_superlink_error_reply_is_recorded_against_the_node_it_was_for(task_identity):
+    """A node that stopped heartbeating gets an error reply from the SuperLink itself (src node id 1): the failure
+    belongs to the node the instruction went to, and that node is not also reported as silent."""
+    from flwr.app import Error, Message
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    class SuperLinkGrid(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            for i, m in enumerate(messages):  # what the grids do when they push a message
+                m.metadata.__dict__["_message_id"] = f"instruction-{i}"
+            dead = create_message_error_unavailable_res_message(messages[0].metadata, "node_unavail")
+            alive = Message(RecordDict(), reply_to=messages[1])
+            assert dead.metadata.src_node_id != messages[0].metadata.dst_node_id and isinstance(dead.error, Error)
+            return [dead, alive]
+
+    channel = Channel(SuperLinkGrid(), 1.0)
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8)]
+    ok = channel.send(sent)
+    assert len(ok) == 1 and ok[0].metadata.src_node_id == 8
+    assert [(f["node_id"], "Node Unavailable" in f["reason"]) for f in channel.failures] == [(7, True)]
+    assert 7 in channel.client_errors

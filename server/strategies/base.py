@@ -63,15 +63,19 @@ class Channel:
             self.traffic.down += transport.content_bytes(m.content)
         self.traffic.logical_down += logical_down * len(messages)
         received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        ok = []
+        # The grid set each instruction's message id; a reply names it. The SuperLink's own error replies (a node
+        # that stopped heartbeating) come from the SuperLink's node id, so the instruction says whose they are.
+        destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+        ok, answered = [], set()
         for r in received:
+            node_id = destination.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id))
+            answered.add(node_id)
             if r.has_error():
-                self.client_errors[int(r.metadata.src_node_id)] = str(r.error.reason)
-                self.fail(r.metadata.src_node_id, f"client error: {r.error.reason}", r.metadata.message_type)
+                self.client_errors[node_id] = str(r.error.reason)
+                self.fail(node_id, f"client error: {r.error.reason}", r.metadata.message_type)
             else:
                 self.traffic.up += transport.content_bytes(r.content)
                 ok.append(r)
-        answered = {r.metadata.src_node_id for r in received}
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 # Flower also drops a reply it cannot store (expired TTL, a reply not linked to its instruction,
