@@ -5,6 +5,7 @@ guarantee that no non-static example ever reaches a gradient."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -135,20 +136,42 @@ def test_no_non_static_example_reaches_a_gradient(seed, pretrained):
     task = small_task(seed)
     non_static = set(task.non_static_ids.tolist())
     static = set(task.static_ids.tolist())
-    cfg = TransferConfig(**{**FAST.__dict__, "seed": seed})
+    cfg = dataclasses.replace(FAST, seed=seed)
+    # An instrument independent of the loop's own record: every input row the first layer sees with gradients on.
+    # (Module hooks travel with the deep copies that `transfer` makes.)
+    rows_in_graph: list[bytes] = []
 
-    selected = transfer("data_selection", pretrained, task, cfg)
+    def record_inputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.training and torch.is_grad_enabled():
+            rows_in_graph.extend(row.tobytes() for row in inputs[0].detach().numpy())
+
+    non_static_rows = {row.tobytes() for row in task.target.x[task.non_static_ids]}
+    handle = pretrained[1].register_forward_pre_hook(record_inputs)
+    try:
+        selected = transfer("data_selection", pretrained, task, cfg)
+        selected_rows = set(rows_in_graph)
+        rows_in_graph.clear()
+        static_only = transfer("static_only", pretrained, task, cfg)
+        static_only_rows = set(rows_in_graph)
+        rows_in_graph.clear()
+        everything = transfer("all_data", pretrained, task, cfg)
+        all_rows = set(rows_in_graph)
+    finally:
+        handle.remove()
+
     trained = set(selected.trained_ids.tolist())
     assert trained.isdisjoint(non_static)
+    assert selected_rows.isdisjoint(non_static_rows)
     picked_ids = set(task.auxiliary_ids[selected.selected_pool_index].tolist())
     assert trained == static | picked_ids  # every static and every selected example was trained on
     assert len(picked_ids) >= 2
 
-    static_only = transfer("static_only", pretrained, task, cfg)
     assert set(static_only.trained_ids.tolist()) == static
+    assert static_only_rows.isdisjoint(non_static_rows)
 
-    everything = transfer("all_data", pretrained, task, cfg)
-    assert set(everything.trained_ids.tolist()) == static | non_static  # the instrument does see non-static data
+    # the instruments do see non-static data when it is trained on
+    assert set(everything.trained_ids.tolist()) == static | non_static
+    assert non_static_rows <= all_rows
 
 
 def test_finetune_on_records_only_the_batches_it_backpropagates():
@@ -175,7 +198,7 @@ def test_finetune_on_records_only_the_batches_it_backpropagates():
 def test_selection_uses_the_pretrained_features_not_the_finetuned_ones(pretrained):
     before = {k: v.clone() for k, v in pretrained.state_dict().items()}
     task = small_task(0)
-    cfg = TransferConfig(**{**FAST.__dict__, "neighbours": 1})
+    cfg = dataclasses.replace(FAST, neighbours=1)
     calls = []
 
     def spy(model: nn.Module, data: ArrayData) -> np.ndarray:
@@ -235,7 +258,7 @@ def test_split_static_counts_and_is_seeded():
 def test_transfer_table_rows_and_format(pretrained):
     task = small_task(0)
     rows = transfer_table(pretrained, task.target, task.auxiliary, task.test, static_fractions=[0.25, 0.75],
-                          seeds=[0, 1], cfg=TransferConfig(**{**FAST.__dict__, "epochs": 1}))
+                          seeds=[0, 1], cfg=dataclasses.replace(FAST, epochs=1))
     assert [(r.static_fraction, r.seed, r.method) for r in rows[:3]] == [
         (0.25, 0, "data_selection"), (0.25, 0, "static_only"), (0.25, 0, "all_data")]
     assert len(rows) == 2 * 2 * 3

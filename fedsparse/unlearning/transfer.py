@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -377,7 +378,7 @@ def transfer_table(pretrained: nn.Module, target: ArrayData, auxiliary: ArrayDat
     for fraction in static_fractions:
         for seed in seeds:
             task = TransferTask(target, split_static(len(target), fraction, seed), auxiliary, test)
-            seeded = TransferConfig(**{**cfg.__dict__, "seed": seed})
+            seeded = dataclasses.replace(cfg, seed=seed)
             for method in methods:
                 began = time.perf_counter()
                 result = transfer(method, pretrained, task, seeded, feature_fn=feature_fn)
