@@ -207,7 +207,8 @@ def write_outputs(rows: list[dict], out: Path, num_models: int) -> str:
         xs = np.arange(len(chosen))
         ax.bar(xs - 0.2, [np.nan_to_num(r["score"]) for r in chosen], 0.4, label="score (F x utility)")
         ax.bar(xs + 0.2, [r["test_acc"] for r in chosen], 0.4, label="test accuracy")
-        ax.set_xticks(xs, [f"{r['method']}\n{r['pct_changed']:.0f}%" for r in chosen], fontsize=7)
+        ax.set_xticks(xs, [f"{r['method']}\n{r['pct_changed']:.0f}%" for r in chosen], fontsize=7, rotation=30,
+                      ha="right")
         ax.set_title(f"forget set: {kind} (N = {num_models}; % = params changed)")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
