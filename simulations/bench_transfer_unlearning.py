@@ -13,6 +13,8 @@ Setup (defaults; every number is a flag):
   the pretrained cnn's penultimate features; a selected image takes its query's label (the pool's own labels are
   not used, so the MNIST pool needs none).
 - Finetuning: the whole cnn with a fresh 5-way head, `--epochs` epochs, SGD lr 0.01, momentum 0.9, batch 32.
+  Epochs give `static_only` fewer SGD steps than the others (its set is smaller); `--matched-steps` gives every
+  method the same number of steps instead: `--epochs` passes' worth over the whole target set.
 
 Writes `transfer.csv`, `table.md` and `transfer.png` under `--out` (default results/bench_transfer_unlearning) and
 prints the table. One torch thread.
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--neighbours", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--matched-steps", action="store_true",
+                        help="same number of SGD steps for every method (epochs x batches in the target set)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_transfer_unlearning")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -92,7 +96,9 @@ def main() -> None:
     pretrained = finetune_on(model, IndexedData(source.x, source.y, np.arange(len(source))), pretrain).model
     print(f"pretrained on {len(source)} source images in {time.perf_counter() - began:.0f} s")
 
-    cfg = TransferConfig(epochs=args.epochs, batch_size=32, lr=0.01, neighbours=args.neighbours)
+    batch_size = 32
+    steps = args.epochs * -(-len(target) // batch_size) if args.matched_steps else None
+    cfg = TransferConfig(epochs=args.epochs, steps=steps, batch_size=batch_size, lr=0.01, neighbours=args.neighbours)
     rows = transfer_table(pretrained, target, aux_same, test, static_fractions=args.fractions, seeds=args.seeds,
                           cfg=cfg)
     mnist_rows = transfer_table(pretrained, target, aux_mnist, test, static_fractions=args.fractions,
@@ -102,7 +108,7 @@ def main() -> None:
     write_outputs(rows, args.out)
     print(format_transfer_table(rows))
     print(f"target: {len(target)} images, auxiliary pools: {len(aux_same)} Fashion-MNIST / {len(aux_mnist)} MNIST, "
-          f"test: {len(test)}; total {time.perf_counter() - began:.0f} s; outputs in {args.out}")
+          f"test: {len(test)}; {'SGD steps per method: ' + str(steps) if steps else f'{args.epochs} epochs'}; total {time.perf_counter() - began:.0f} s; outputs in {args.out}")
 
 
 def write_outputs(rows: list[TransferRow], out: Path) -> None:

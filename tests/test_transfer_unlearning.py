@@ -187,6 +187,9 @@ def test_finetune_on_records_only_the_batches_it_backpropagates():
     run = finetune_on(model, data, TransferConfig(epochs=2, batch_size=4))
     assert run.trained_ids.tolist() == list(range(100, 110))
     assert len(backward_calls) == 2 * 3  # 3 minibatches per epoch
+    backward_calls.clear()
+    budgeted = finetune_on(model, data, TransferConfig(epochs=1, steps=7, batch_size=4))
+    assert len(backward_calls) == 7 and budgeted.trained_ids.tolist() == list(range(100, 110))
     with pytest.raises(ValueError, match="empty"):
         finetune_on(model, IndexedData(data.x[:0], data.y[:0], data.ids[:0]), TransferConfig())
 

@@ -29,7 +29,7 @@ import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -205,6 +205,8 @@ class TransferConfig:
     """Settings of transfer finetuning and data selection.
 
     epochs, batch_size, lr, momentum, weight_decay: SGD finetuning of the whole model (fresh head included).
+    steps: if set, train for exactly this many minibatch steps (reshuffled passes, the last one cut short)
+        instead of `epochs` passes: the same optimisation budget whatever the training set's size.
     neighbours: k, the auxiliary examples selected per non-static example.
     label_source: label of a selected auxiliary example: "query" = the label of the non-static example that
         selected it (the auxiliary pool may be unlabelled in the target classes), "auxiliary" = its own label.
@@ -213,6 +215,7 @@ class TransferConfig:
     """
 
     epochs: int = 5
+    steps: int | None = None
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
@@ -226,6 +229,8 @@ class TransferConfig:
         for name in ("epochs", "batch_size", "neighbours"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.label_source not in ("query", "auxiliary"):
@@ -256,7 +261,8 @@ def with_fresh_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
 
 
 def finetune_on(model: nn.Module, data: IndexedData, cfg: TransferConfig) -> FinetuneRun:
-    """SGD on a copy of `model` over `data` (cross-entropy, shuffled minibatches, `cfg.epochs` passes).
+    """SGD on a copy of `model` over `data` (cross-entropy, shuffled minibatches, `cfg.epochs` passes or exactly
+    `cfg.steps` minibatches).
 
     The ids of every minibatch are recorded right where its loss is backpropagated: `trained_ids` is exactly the
     set of examples that reached a gradient."""
@@ -268,18 +274,31 @@ def finetune_on(model: nn.Module, data: IndexedData, cfg: TransferConfig) -> Fin
     optimizer = torch.optim.SGD(work.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     seen = np.zeros(0, dtype=np.int64)
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(data), generator=generator).numpy()
-        for start in range(0, len(data), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size]
-            x = torch.from_numpy(data.x[batch]).to(device)
-            y = torch.from_numpy(data.y[batch]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(work(x), y)
-            seen = np.union1d(seen, data.ids[batch])
-            loss.backward()
-            optimizer.step()
+    for batch in minibatch_indices(len(data), cfg, generator):
+
+        x = torch.from_numpy(data.x[batch]).to(device)
+        y = torch.from_numpy(data.y[batch]).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(work(x), y)
+        seen = np.union1d(seen, data.ids[batch])
+        loss.backward()
+        optimizer.step()
     return FinetuneRun(work, seen)
+
+
+def minibatch_indices(num_examples: int, cfg: TransferConfig, generator: torch.Generator) -> Iterator[np.ndarray]:
+    """Index arrays of the minibatches: reshuffled passes over the data, `cfg.epochs` of them, or as many as
+    `cfg.steps` minibatches take."""
+    steps = 0
+    passes = 0
+    while (passes < cfg.epochs) if cfg.steps is None else (steps < cfg.steps):
+        order = torch.randperm(num_examples, generator=generator).numpy()
+        for start in range(0, num_examples, cfg.batch_size):
+            if cfg.steps is not None and steps == cfg.steps:
+                return
+            steps += 1
+            yield order[start:start + cfg.batch_size]
+        passes += 1
 
 
 @dataclass(frozen=True, eq=False)
