@@ -40,7 +40,7 @@ from fedsparse.continual import (
 )
 from fedsparse.continual.metrics import read_matrix_csv
 from fedsparse.continual.sfa import StateMismatch
-from fedsparse.continual.streams import to_grey_resized
+from fedsparse.continual.streams import partition_task, to_grey_resized
 from fedsparse.models import build_model
 from fedsparse.train import TrainConfig, evaluate, train_local
 from tests.conftest import SHARED_DATA
@@ -143,6 +143,11 @@ def test_sfa_callback_counts_and_server_rounds():
             assert torch.equal(state["w"], torch.tensor([6.0]))  # 0.5 * 8 + 0.5 * 4
     assert torch.equal(state["w"], torch.tensor([3.0]))  # 0.5 * 0 + 0.5 * 6: the anchor was task 0's end model
     assert server.averaged_rounds == [(0, 4), (1, 4)]
+
+    resumed = ServerSFA(SFAConfig(beta=0.5, p=1.0, average_first_task=True))
+    resumed.load_state_dict(server.state_dict())
+    assert torch.equal(resumed.anchor["w"], server.anchor["w"]) and resumed.averaged_rounds == server.averaged_rounds
+    assert torch.equal(resumed.after_round(4, {"w": torch.tensor([2.0])})["w"], torch.tensor([4.0]))  # 0.5*2+0.5*6
 
     skip_first = ServerSFA(SFAConfig(beta=0.5, p=0.5))
     for _ in range(2):
@@ -345,6 +350,19 @@ def test_split_and_permuted_digits_streams():
     assert np.array_equal(permuted[0].y_train, permuted[2].y_train)
     again = permuted_stream("digits", num_tasks=3, seed=1, train_size=30, test_size=10)
     assert np.array_equal(again[2].x_test, permuted[2].x_test)  # seeded
+
+
+def test_partition_task_disjoint_and_complete_for_iid():
+    task = split_stream("digits", classes_per_task=2)[0]
+    for kind in ("iid", "dirichlet"):
+        parts = partition_task(task, 4, kind=kind, seed=1, alpha=0.5)
+        assert len(parts) == 4
+        joined = np.concatenate(parts)
+        assert len(np.unique(joined)) == len(joined)  # disjoint
+        if kind == "iid":
+            assert np.array_equal(np.sort(joined), np.arange(len(task.y_train)))
+    with pytest.raises(ValueError, match="num_clients"):
+        partition_task(task, 0)
 
 
 def test_grey_resize_by_hand():

@@ -176,3 +176,17 @@ class ServerSFA:
             return global_state
         self.averaged_rounds.append((self.task_index, round_in_task))
         return sfa_average(global_state, self.anchor, self.config.beta)
+
+    def state_dict(self) -> dict[str, object]:
+        """What the server must keep across a restart: the anchor, the task's round count and position."""
+        return {"anchor": None if self.anchor is None else {k: v.clone() for k, v in self.anchor.items()},
+                "rounds": None if self.schedule is None else self.schedule.total_steps,
+                "task_index": self.task_index, "averaged_rounds": list(self.averaged_rounds)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what `state_dict` saved (the config is not part of it: build the object with the same one)."""
+        anchor = state["anchor"]
+        self.anchor = None if anchor is None else {k: v.clone() for k, v in anchor.items()}
+        self.schedule = None if state["rounds"] is None else SFASchedule(int(state["rounds"]), self.config.p)
+        self.task_index = int(state["task_index"])
+        self.averaged_rounds = [tuple(pair) for pair in state["averaged_rounds"]]

@@ -144,3 +144,22 @@ def permuted_stream(dataset: str = "fashion-mnist", *, num_tasks: int = 5, seed:
     return [_make_task(f"{dataset}:perm{index}", permute(x_train, perm), data.y_train[:train_size],
                        permute(x_test, perm), data.y_test[:test_size], None, None)
             for index, perm in enumerate(perms)]
+
+
+def partition_task(task: Task, num_clients: int, *, kind: str = "dirichlet", seed: int = 0, alpha: float = 0.3,
+                   classes_per_client: int = 2, shards_per_client: int = 2) -> list[np.ndarray]:
+    """Split one task's training set over `num_clients` with `fedsparse.data.make_partitioner` (the same
+    flwr-datasets partitioners as the single-task runs): a sorted array of training indices per client. The
+    partitions are disjoint; iid ones cover every example (flwr-datasets may leave a few examples out otherwise)."""
+    if num_clients <= 0:
+        raise ValueError(f"num_clients must be positive, got {num_clients}")
+    from datasets import Dataset as HFDataset
+    from datasets.utils.logging import disable_progress_bar
+
+    from fedsparse.data import make_partitioner
+
+    disable_progress_bar()
+    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+    partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(task.y_train)), "label": task.y_train})
+    return [np.sort(np.asarray(partitioner.load_partition(client)["idx"], dtype=np.int64))
+            for client in range(num_clients)]
