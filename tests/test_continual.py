@@ -317,6 +317,18 @@ def test_accuracy_matrix_of_two_task_run(digit_tasks):
         assert result.accuracy[1, column] == evaluate(model, task.x_test, task.y_test)[1]
 
 
+def test_epoch_tracking_matches_matrix_and_changes_nothing(digit_tasks):
+    config = StreamConfig(train=FAST_TRAIN, sfa=SFAConfig(beta=0.5, p=0.3))
+    plain = run_stream(_mlp(digit_tasks), digit_tasks, "sfa", config, keep_states=True)
+    tracked = run_stream(_mlp(digit_tasks), digit_tasks, "sfa", config, keep_states=True, track_epochs=True)
+    assert [(point.task, point.epoch, len(point.accuracy)) for point in tracked.history] == [
+        (0, 1, 1), (0, 2, 1), (0, 3, 1), (1, 1, 2), (1, 2, 2), (1, 3, 2)]
+    for task_index, last in ((0, tracked.history[2]), (1, tracked.history[5])):  # the last epoch = the matrix row
+        assert last.accuracy == tuple(tracked.accuracy[task_index, :task_index + 1])
+    assert np.array_equal(plain.accuracy, tracked.accuracy)
+    assert all(torch.equal(plain.final_states[-1][k], v) for k, v in tracked.final_states[-1].items())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_replay_keeps_the_first_task_where_finetuning_forgets_it(digit_tasks, seed):
     """Seeds 0-3 measured: fine-tuning R[1,0] = 0.0 (class-incremental, shared head), replay with 40 stored

@@ -8,7 +8,15 @@
 - `driver`: `run_stream`, a centralised trainer through a stream with one method.
 """
 
-from fedsparse.continual.driver import METHODS, StreamConfig, StreamResult, run_stream, steps_per_task, train_task
+from fedsparse.continual.driver import (
+    METHODS,
+    EpochAccuracy,
+    StreamConfig,
+    StreamResult,
+    run_stream,
+    steps_per_task,
+    train_task,
+)
 from fedsparse.continual.metrics import (
     ContinualSummary,
     average_accuracy,
@@ -28,12 +36,12 @@ from fedsparse.continual.penalties import (
 )
 from fedsparse.continual.replay import ReplayBuffer, with_replay
 from fedsparse.continual.sfa import ServerSFA, SFACallback, SFAConfig, SFASchedule, average_model_, sfa_average
-from fedsparse.continual.streams import Task, domain_stream, permuted_stream, split_stream
+from fedsparse.continual.streams import Task, domain_stream, partition_task, permuted_stream, split_stream
 
 __all__ = [
-    "METHODS", "ContinualSummary", "FisherEstimate", "QuadraticPenalty", "ReplayBuffer", "SFACallback", "SFAConfig",
+    "METHODS", "ContinualSummary", "EpochAccuracy", "FisherEstimate", "QuadraticPenalty", "ReplayBuffer", "SFACallback", "SFAConfig",
     "SFASchedule", "ServerSFA", "StreamConfig", "StreamResult", "Task", "aggregate_fishers", "average_accuracy",
     "average_forgetting", "average_model_", "backward_transfer", "domain_stream", "estimate_fisher", "ewc_penalty",
-    "l2_penalty", "permuted_stream", "plot_matrix", "run_stream", "sfa_average", "split_stream", "steps_per_task",
+    "l2_penalty", "partition_task", "permuted_stream", "plot_matrix", "run_stream", "sfa_average", "split_stream", "steps_per_task",
     "summarize", "train_task", "with_replay", "write_matrix_csv",
 ]

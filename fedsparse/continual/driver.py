@@ -103,7 +103,8 @@ class StreamResult:
     """What `run_stream` measured. `accuracy[i, j]`: accuracy on task j after task i (see `metrics`).
 
     `sfa_steps[i]`: the steps of task i after which SFA averaged (empty for other methods). With `keep_states`,
-    `final_states[i]` is the model after task i and `anchors[i]` the anchor task i trained against (None if none)."""
+    `final_states[i]` is the model after task i and `anchors[i]` the anchor task i trained against (None if none).
+    With `track_epochs`, `history` holds the accuracy on every task seen so far after each epoch."""
 
     accuracy: np.ndarray
     task_names: list[str]
@@ -111,10 +112,42 @@ class StreamResult:
     sfa_steps: list[list[int]]
     final_states: list[StateDict] = field(default_factory=list)
     anchors: list[StateDict | None] = field(default_factory=list)
+    history: list[EpochAccuracy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochAccuracy:
+    """Accuracy on each task seen so far (tasks 0..task), after `epoch` (1-based) of task `task`."""
+
+    task: int
+    epoch: int
+    accuracy: tuple[float, ...]
+
+
+@dataclass
+class SeenTasksEvaluator:
+    """After-step callback: every `steps_per_epoch` steps, evaluate on `tasks` and append to `history`; the
+    model's train/eval mode is restored afterwards, so training continues as before."""
+
+    tasks: Sequence[Task]
+    task_index: int
+    steps_per_epoch: int
+    history: list[EpochAccuracy]
+    device: torch.device
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        """Evaluate at epoch boundaries."""
+        if step % self.steps_per_epoch:
+            return
+        was_training = model.training
+        accuracy = tuple(evaluate(model, task.x_test, task.y_test, device=self.device)[1] for task in self.tasks)
+        model.train(was_training)
+        self.history.append(EpochAccuracy(self.task_index, step // self.steps_per_epoch, accuracy))
 
 
 def run_stream(model: nn.Module, tasks: Sequence[Task], method: str, config: StreamConfig | None = None, *,
-               keep_states: bool = False, device: torch.device | None = None) -> StreamResult:
+               keep_states: bool = False, track_epochs: bool = False, device: torch.device | None = None
+               ) -> StreamResult:
     """Train `model` (in place) through `tasks` with `method` (one of `METHODS`); return the accuracy matrix."""
     if method not in METHODS:
         raise ValueError(f"unknown continual method {method!r}; choose one of {', '.join(METHODS)}")
@@ -142,8 +175,14 @@ def run_stream(model: nn.Module, tasks: Sequence[Task], method: str, config: Str
             penalty = l2_penalty(anchor, config.l2_strength)
         elif method == "ewc" and anchor is not None and fisher is not None:
             penalty = ewc_penalty(anchor, fisher, config.ewc_strength)
+        if track_epochs:  # after SFA's callback: what is measured is the model training continues from
+            callbacks.append(SeenTasksEvaluator(tasks[:index + 1], index, math.ceil(len(x) / config.train.batch_size),
+                                                result.history, device))
         if keep_states:
-            result.anchors.append(sfa_callback.anchor if sfa_callback else (anchor if penalty else None))
+            if sfa_callback is not None:
+                result.anchors.append(sfa_callback.anchor)
+            else:
+                result.anchors.append(anchor if penalty is not None else None)
         loss = train_task(model, x, y, config.train, seed=config.seed * 1000 + index, penalty=penalty,
                           callbacks=callbacks, device=device)
         result.losses.append(loss)
