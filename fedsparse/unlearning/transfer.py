@@ -275,7 +275,6 @@ def finetune_on(model: nn.Module, data: IndexedData, cfg: TransferConfig) -> Fin
     generator = torch.Generator().manual_seed(cfg.seed)
     seen = np.zeros(0, dtype=np.int64)
     for batch in minibatch_indices(len(data), cfg, generator):
-
         x = torch.from_numpy(data.x[batch]).to(device)
         y = torch.from_numpy(data.y[batch]).to(device)
         optimizer.zero_grad(set_to_none=True)
