@@ -123,17 +123,22 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     metrics = [("forget_f0", "forget acc, format 0 (trained)"), ("forget_other_formats", "forget acc, other formats"),
                ("maintain_other_formats", "maintain acc, other formats"),
                ("heldout_after_mean", "held-out forget acc after relearning")]
+    colors = {"forget_f0": "tab:blue", "forget_other_formats": "tab:orange", "edited_other_formats": "tab:purple",
+              "maintain_other_formats": "tab:green", "heldout_after_mean": "tab:red"}
     for axis, mode in zip(axes[0], modes):
         subset = [r for r in rows if r["mode"] == mode]
-        width = 0.8 / len(metrics)
-        for offset, (key, label) in enumerate(metrics):
+        shown = metrics if mode != "edit" else (
+            metrics[:2] + [("edited_other_formats", "new attribute acc, other formats")] + metrics[2:])
+        width = 0.8 / len(shown)
+        for offset, (key, label) in enumerate(shown):
             xs = [i + offset * width for i in range(len(subset))]
-            axis.bar(xs, [float(r.get(key, 0.0)) for r in subset], width, label=label)
+            axis.bar(xs, [float(r.get(key, 0.0)) for r in subset], width, label=label, color=colors[key])
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(subset))])
         axis.set_xticklabels([str(r["localization"]) for r in subset], rotation=30, ha="right", fontsize=8)
-        axis.set_ylim(0, 1.05)
-        axis.set_title(f"{mode}: lower forget / relearn = better, higher maintain = better", fontsize=9)
-        axis.legend(fontsize=7)
+        axis.set_ylim(0, 1.4)
+        axis.set_title(f"{mode} (trained on format 0): forget / relearn lower = better, maintain higher = better",
+                       fontsize=9)
+        axis.legend(fontsize=7, ncol=2, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

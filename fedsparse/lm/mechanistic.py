@@ -83,7 +83,11 @@ class PatchingBatch:
 
 @dataclass(frozen=True)
 class Localization:
-    """A parameter mask and how it was chosen: components in rank order and their scores (when scored)."""
+    """A parameter mask and how it was chosen.
+
+    `components` are the candidates in rank order (the mask holds the leading ones, the last of them possibly in
+    part, plus any padding); `scores` are their scores when the method scores them.
+    """
 
     name: str
     mask: Mask
@@ -339,7 +343,7 @@ def localize_lookup_mlps(
     if not 1 <= layers <= len(ranked):
         raise ValueError(f"layers must be in [1, {len(ranked)}], got {layers}")
     count = mask_count(components_mask(model, ranked[:layers])) if parameter_count is None else parameter_count
-    return Localization("lookup_mlps", ranked_mask(model, ranked, count, seed), tuple(ranked[:layers]), scores)
+    return Localization("lookup_mlps", ranked_mask(model, ranked, count, seed), tuple(ranked), scores)
 
 
 def localize_causal_tracing(
@@ -455,7 +459,8 @@ def masked_finetune(
 ) -> list[float]:
     """Minimise `loss_fn(step)` for `steps` Adam steps, changing only the masked entries; returns the losses.
 
-    Unmasked entries are restored from a frozen copy after every step, so they stay bit-identical.
+    Unmasked entries are restored from a frozen copy after every step, so they stay bit-identical. The model is left
+    in eval mode with every parameter requiring grad again.
     """
     named = dict(model.named_parameters())
     if set(mask) != set(named):
