@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit-steps", type=int, default=60)
     parser.add_argument("--edit-lr", type=float, default=1e-3)
     parser.add_argument("--relearn-steps", type=int, default=30)
-    parser.add_argument("--relearn-lr", type=float, default=1e-3)
+    parser.add_argument("--relearn-lr", type=float, default=3e-4)
     parser.add_argument("--reuse-model", action="store_true")
     return parser.parse_args(argv)
 
