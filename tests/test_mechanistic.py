@@ -43,6 +43,7 @@ from fedsparse.lm.mechanistic import (
     mask_count,
     match_parameter_count,
     patch_effect,
+    relearn_attack,
     unlearn_facts,
 )
 from fedsparse.lm.model import GPT, GPTConfig
@@ -200,3 +201,11 @@ def test_answer_logprobs_match_unpadded_rows(setup) -> None:
         assert float(batched[row].detach()) == pytest.approx(expected, abs=1e-4)
     log_p = torch.tensor([-1e-3, -0.5, -2.0, -30.0])
     assert torch.allclose(_log1mexp(log_p), torch.log(1 - torch.exp(log_p.double())).float(), rtol=1e-4)
+
+
+def test_relearning_attack_leaves_the_attacked_model_unchanged(setup) -> None:
+    model, tokenizer, facts = setup
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    result = relearn_attack(model, tokenizer, relearn_split(facts[:6]), tokenizer.encode_tensor(CORPUS), steps=2)
+    assert len(result.before) == len(result.after) == len(result.relearned) == len(PROMPT_FORMATS)
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())

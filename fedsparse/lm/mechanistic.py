@@ -581,10 +581,9 @@ def relearn_attack(
     formats = range(len(PROMPT_FORMATS))
     before = tuple(fact_accuracy(model, tokenizer, split.heldout, i) for i in formats)
     attacked = copy.deepcopy(model)
-    splits = FactSplits(forget=split.relearn, maintain=())
     generator = torch.Generator().manual_seed(seed)
-    prompts = [render_prompt(f.subject, train_format) for f in splits.forget]
-    answers = [f.attribute + ATTRIBUTE_END for f in splits.forget]
+    prompts = [render_prompt(f.subject, train_format) for f in split.relearn]
+    answers = [f.attribute + ATTRIBUTE_END for f in split.relearn]
 
     def loss_fn(_step: int) -> torch.Tensor:
         batch = sample_batch(corpus_stream, 8, attacked.config.block_size, generator)
