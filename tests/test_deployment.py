@@ -314,7 +314,11 @@ def compose_env(tmp_path_factory) -> dict[str, str]:
                    check=True, capture_output=True)
     subprocess.run(["bash", str(ROOT / "deploy" / "gen-keys.sh"), str(base / "keys"), "--supernodes", "3"],
                    check=True, capture_output=True)
-    return {**os.environ, "FEDSPARSE_CERTS": str(base / "certs"), "FEDSPARSE_KEYS": str(base / "keys")}
+    env = {**os.environ, "FEDSPARSE_CERTS": str(base / "certs"), "FEDSPARSE_KEYS": str(base / "keys")}
+    if not (ROOT.parent / "shared" / "data").is_dir():  # the default data mount; a checkout without ../shared
+        (base / "data").mkdir()
+        env.setdefault("FEDSPARSE_DATA_HOST", str(base / "data"))
+    return env
 
 
 def test_compose_names_only_existing_files(compose_env):
