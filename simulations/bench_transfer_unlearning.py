@@ -34,8 +34,8 @@ train on 300 examples either way (50 steps); only static-only differs between th
 Same-domain data selection matches the all-data upper bound at every fraction. Against static-only at equal epochs
 it wins by 39 points at 25% static, but most of that is static-only's fewer SGD steps: at equal steps the gain at
 25% is 4.5 points (85.7 vs 81.2), and at 50% static-only is 2 points ahead. The MNIST pool (another domain) is
-worse than static-only at equal steps. The final-step accuracy swings between seeds (one seed of static-only at
-75% ends at 61.5%), so three seeds settle only the larger gaps.
+worse than static-only at equal steps. The final-step accuracy swings between seeds (at 75%, one seed of static-only
+ends at 61.5%, one of data selection at 77.0%), so three seeds settle only the larger gaps.
 """
 
 from __future__ import annotations
