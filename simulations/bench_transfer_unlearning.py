@@ -25,17 +25,17 @@ Measured here (2 shared CPU cores, one torch thread, seeds 0 1 2; 90 s for epoch
 test accuracy % (mean ± sd over the seeds). 300 target images, so data selection, all-data and the MNIST pool
 train on 300 examples either way (50 steps); only static-only differs between the two budgets:
 
-| static fraction | data_selection | static_only (5 epochs) | static_only (50 steps) | all_data | data_selection (mnist aux) |
+| static fraction | data_selection | static_only 5 epochs | static_only 50 steps | all_data | selection, mnist aux |
 |---:|---:|---:|---:|---:|---:|
 | 0.25 | 85.73 ± 0.81 | 46.63 ± 7.06 | 81.23 ± 1.53 | 85.63 ± 2.08 | 73.17 ± 6.57 |
 | 0.50 | 84.57 ± 0.65 | 75.70 ± 4.33 | 86.73 ± 1.32 | 85.63 ± 2.08 | 79.27 ± 4.81 |
 | 0.75 | 83.47 ± 5.61 | 77.53 ± 6.37 | 77.13 ± 13.57 | 85.63 ± 2.08 | 80.23 ± 6.44 |
 
-Same-domain data selection is within 2.2 points of the all-data upper bound at every fraction. Against static-only at equal epochs
-it wins by 39 points at 25% static, but most of that is static-only's fewer SGD steps: at equal steps the gain at
-25% is 4.5 points (85.7 vs 81.2), and at 50% static-only is 2 points ahead. The MNIST pool (another domain) is
-worse than static-only at equal steps. The final-step accuracy swings between seeds (at 75%, one seed of static-only
-ends at 61.5%, one of data selection at 77.0%), so three seeds settle only the larger gaps.
+Same-domain data selection is within 2.2 points of the all-data upper bound at every fraction. Against static-only
+at equal epochs it wins by 39 points at 25% static, but most of that is static-only's fewer SGD steps: at equal
+steps the gain at 25% is 4.5 points (85.7 vs 81.2), and at 50% static-only is 2 points ahead. The MNIST pool
+(another domain) is worse than static-only at equal steps. The final-step accuracy swings between seeds (at 75%,
+one seed of static-only ends at 61.5%, one of data selection at 77.0%), so three seeds settle only the larger gaps.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def main() -> None:
     rows.sort(key=lambda r: (r.static_fraction, r.seed))
     write_outputs(rows, args.out)
     print(format_transfer_table(rows))
+    budget = f"SGD steps per method: {steps}" if steps else f"{args.epochs} epochs"
     print(f"target: {len(target)} images, auxiliary pools: {len(aux_same)} Fashion-MNIST / {len(aux_mnist)} MNIST, "
-          f"test: {len(test)}; {'SGD steps per method: ' + str(steps) if steps else f'{args.epochs} epochs'}; total {time.perf_counter() - began:.0f} s; outputs in {args.out}")
+          f"test: {len(test)}; {budget}; total {time.perf_counter() - began:.0f} s; outputs in {args.out}")
 
 
 def write_outputs(rows: list[TransferRow], out: Path) -> None:

@@ -179,7 +179,8 @@ def select_neighbours(query_features: np.ndarray, pool_features: np.ndarray, k: 
     if not 1 <= k <= len(pool_features):
         raise ValueError(f"k must be in [1, {len(pool_features)}] (the pool size), got {k}")
     if query_features.ndim != 2 or pool_features.ndim != 2 or query_features.shape[1] != pool_features.shape[1]:
-        raise ValueError(f"features must be 2-D with equal widths, got {query_features.shape} and {pool_features.shape}")
+        raise ValueError(f"features must be 2-D with equal widths, got {query_features.shape} and "
+                         f"{pool_features.shape}")
     pool = np.asarray(pool_features, dtype=np.float64)
     queries = np.asarray(query_features, dtype=np.float64)
     index = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(pool)
