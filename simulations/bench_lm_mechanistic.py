@@ -15,6 +15,15 @@ Writes results.csv, scores.csv, training.json and mechanistic.png under --out an
 
     python simulations/bench_lm_mechanistic.py [--out results/bench_lm_mechanistic] [--train-steps 2000]
     python simulations/bench_lm_mechanistic.py --reuse-model      # skip training, use the saved model
+
+Measured on this project's shared 2 cores (`--threads 1`), seeds 0, 1, 2: 4 layers, 64 dims, 208,320 parameters,
+2000 steps in 128-302 s; the 60 facts known at 93-100% in every format; whole run 200-464 s. The lookup MLP is mlp0
+on every seed (75-81% of the gap recovered at the subject positions); output tracing ranks mlp3 / attn2 first.
+Unlearning (mean of 3 seeds; forget accuracy in the untrained formats / held-out half after relearning):
+lookup_mlps 0.09 / 0.22, causal_tracing 0.22 / 0.39, attribution_patching 0.14 / 0.26, random 0.16 / 0.40,
+all_mlps 0.06 / 0.28, all_weights 0.05 / 0.18 (all_weights alone costs maintain accuracy and perplexity). Lookup MLPs
+did at least as well as causal tracing on every seed; attribution patching, whose mask takes in part of mlp0 on
+seeds 1-2, is close. Three seeds and 8 held-out facts per seed make these differences indicative, not significant.
 """
 
 from __future__ import annotations
