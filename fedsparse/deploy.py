@@ -25,7 +25,6 @@ Process handling (ports, stopping a component with everything it spawned) lives 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from typing import Any, Self
 from fedsparse import edge_proxy
 from fedsparse.config import ConfigError, parse_assignments, resolve
 from fedsparse.deploy_processes import DeploymentError, Proc, free_port, port_open
+from fedsparse.results import read_rounds
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml, server/, client/
 DEPLOY_DIR = APP_DIR / "deploy"  # gen-certs.sh, gen-keys.sh, register-supernodes.sh
@@ -528,12 +528,7 @@ class LocalDeployment:
 
     def rounds_done(self, run_id: int) -> int:
         """Rounds the ServerApp has finished (rows of rounds.csv in the run's output folder)."""
-        path = self.runs[run_id]["output_dir"] / "rounds.csv"
-        try:
-            with path.open() as f:
-                return sum(1 for _ in csv.DictReader(f))
-        except OSError:
-            return 0
+        return len(read_rounds(self.runs[run_id]["output_dir"] / "rounds.csv", missing_ok=True))
 
     def wait(self, run_id: int, timeout: float = 600.0, poll: float = 30.0,
              on_round: Callable[[int], None] | None = None) -> dict:
@@ -625,11 +620,7 @@ def compare_bytes(summary: dict, status: dict) -> dict:
 
 def round_rows(dep: LocalDeployment, run_id: int) -> list[dict[str, float]]:
     """The run's rounds.csv as numbers (empty before round 1 ends)."""
-    path = dep.runs[run_id]["output_dir"] / "rounds.csv"
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return read_rounds(dep.runs[run_id]["output_dir"] / "rounds.csv", missing_ok=True)
 
 
 def round_times(dep: LocalDeployment, run_id: int) -> list[float]:

@@ -28,9 +28,18 @@ def write_rounds(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def read_rounds(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def read_rounds(path: Path, *, missing_ok: bool = False) -> list[dict[str, float]]:
+    """The rows of a rounds.csv, every column as a float: the one reader of that file.
+
+    With `missing_ok`, a file that does not exist (yet: a run before its first round ends) reads as no rows.
+    """
+    try:
+        with Path(path).open() as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
 
 
 def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
@@ -90,6 +99,7 @@ def load_run(folder: Path) -> tuple[dict, list[dict]]:
 
 
 def run_label(summary: dict, folder: Path) -> str:
+    """A run's name in plots and tables: strategy, density when below 1, value dtype when not float32, folder."""
     label = summary["strategy"]
     if summary.get("density", 1.0) < 1.0:
         label += f" d={summary['density']:.2f}"

@@ -12,7 +12,6 @@ scheduling, idle cores at the end of a round).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from fedsparse.client import local_data
 from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model, maskable_names
+from fedsparse.results import read_rounds
 from fedsparse.simulation import simulate
 from fedsparse.sparse import weighted_mean
 from fedsparse.train import TrainConfig, evaluate, train_local
@@ -76,8 +76,7 @@ def main() -> None:
     wall = time.perf_counter()
     simulate(cfg, ray_cpus=args.cpus)
     wall = time.perf_counter() - wall
-    with (out / "ray" / "rounds.csv").open() as f:
-        ray_rounds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    ray_rounds = [r["seconds"] for r in read_rounds(out / "ray" / "rounds.csv")]
     seq_rounds = sequential_rounds(cfg, args.cpus)
 
     # round 1 of both includes one-off warm-up (data loading in each actor; first-touch allocations)

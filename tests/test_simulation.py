@@ -1,7 +1,6 @@
 """Real Ray simulations through `fedsparse run`, as a user runs them: learning, results files, bytes on the
 wire, bad clients, kill-and-resume. Each run is a subprocess with its own Ray cluster on 2 CPUs."""
 
-import csv
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import torch
 
 from fedsparse import sparse
 from fedsparse.models import build_model, maskable_names
+from fedsparse.results import read_rounds
 from tests.conftest import LEARNING, REPO, fedsparse_run, summary
 
 DIGITS = LEARNING
@@ -47,8 +47,7 @@ def kill_processes_started_with(token: str) -> list[int]:
 
 
 def rounds(out):
-    with (out / "rounds.csv").open() as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return read_rounds(out / "rounds.csv")
 
 
 @pytest.fixture(scope="module")
