@@ -35,7 +35,7 @@ from bench_codec import best_time  # simulations/ is the script's own folder
 from fedsparse import client, codec, sparse, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
-from fedsparse.results import load_run
+from fedsparse.results import load_run, run_label
 from server.strategies import STRATEGIES
 from server.strategies.topk import logical_update_bytes
 
@@ -275,15 +275,6 @@ def run_curve(folder: Path, rate_mbit: float | None) -> tuple[dict, list[tuple[f
         seconds += r["seconds"] + moved / max(r["clients"] + r["rejected"], 1) * 8 * per_bit
         out.append((total, seconds, r["test_accuracy"]))
     return summary, out
-
-
-def run_label(summary: dict, folder: Path) -> str:
-    label = summary["strategy"]
-    if summary["strategy"] != "fedavg":
-        label += f" d={summary.get('density', 1.0):.2g}"
-    if summary.get("value_dtype", "float32") != "float32":
-        label += f" {summary['value_dtype']}"
-    return f"{label} ({folder.name})"
 
 
 def runs_rows(folders: list[Path], target: float) -> list[dict]:
