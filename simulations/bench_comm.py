@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_codec import best_time  # simulations/ is the script's own folder
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from threadpoolctl import threadpool_limits
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # server/ is the Flower app's component, not an installed package
-
-from bench_codec import best_time  # simulations/ is the script's own folder
 
 from fedsparse import client, codec, sparse, transport
 from fedsparse.config import resolve

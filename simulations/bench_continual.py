@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from fedsparse.continual import (
     METHODS,
@@ -49,6 +45,8 @@ from fedsparse.continual import (
 )
 from fedsparse.models import build_model
 from fedsparse.train import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,7 +29,6 @@ import argparse
 import copy
 import csv
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from fedsparse.alignment import apply_permutation, permutation_spec, weight_matching
 from fedsparse.data import load_dataset
 from fedsparse.merging import TACTModel, expert_statistics, interpolate, merge_models
 from fedsparse.models import build_model
 
+REPO = Path(__file__).resolve().parent.parent
 TASKS = {"t0": (0, 1, 2, 3, 4), "t1": (5, 6, 7, 8, 9)}
 SCALE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5)
 METHODS = ("task_arithmetic", "ties")

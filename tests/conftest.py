@@ -12,7 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))  # server/ and client/ are the Flower app's components, loaded from the app dir
 
 # What every learning test trains with: digits (always offline) and plain SGD with mild momentum. An earlier setup
 # (lr 0.1, momentum 0.9, 3 local epochs, Dirichlet 0.3) diverged to chance on some seeds and CPUs. These settings
