@@ -45,12 +45,13 @@ MAGIC = b"FS"
 VERSION = 1
 LAYOUTS = ("dense", "bitmap", "rice")
 VALUE_FORMATS = ("float32", "float16", "bfloat16", "int8")
-_WIRE_DTYPES = {
+WIRE_DTYPES = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
     "int8": np.dtype("i1"),
-}
+}  # the numpy dtype each value format travels as: the one table, transport's payloads use it too
+VALUE_BYTES = {value_format: dtype.itemsize for value_format, dtype in WIRE_DTYPES.items()}
 _MAX_NDIM = 32
 _MAX_DIM_PRODUCT = 2**48
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -153,7 +154,7 @@ def encode_sparse(
     if stochastic_rounding and value_format != "int8":
         raise ValueError("stochastic rounding applies to the int8 format only")
 
-    itemsize = _WIRE_DTYPES[value_format].itemsize
+    itemsize = WIRE_DTYPES[value_format].itemsize
     gaps = _gaps(idx)
     rice_k = _best_rice_k(gaps, n)
     unary_bits = idx.size + int(np.sum(gaps >> rice_k))
@@ -264,7 +265,7 @@ def _quantize(
     if np.any(np.isinf(decoded) & np.isfinite(vals)):
         hint = "" if value_format == "float32" else "; use float32"
         raise ValueError(f"finite values overflow {value_format}{hint}")
-    return wire.astype(_WIRE_DTYPES[value_format], copy=False), None
+    return wire.astype(WIRE_DTYPES[value_format], copy=False), None
 
 
 def _quantize_int8(
@@ -293,7 +294,11 @@ def _quantize_int8(
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 raw words (uint16), round to nearest even; NaN stays NaN."""
+    """float32 -> bfloat16 raw words (uint16), round to nearest even; NaN stays NaN.
+
+    The one float32 -> bfloat16 conversion of the project (transport's payloads use it too); it equals torch's
+    `.to(torch.bfloat16)` bit for bit on every non-NaN value.
+    """
     x32 = np.asarray(x, dtype=np.float32)
     u = x32.view(np.uint32)
     # Adding 0x7FFF plus the lowest kept bit carries into the kept bits exactly when the dropped half is
@@ -399,15 +404,20 @@ def _decode_parts(buf: bytes, header: Header) -> tuple[np.ndarray | None, np.nda
         )
         idx = _indices_from_gaps((quotients << header.rice_k) | remainders, header.numel)
         pos += unary_len + rem_len
-    wire = np.frombuffer(view, dtype=_WIRE_DTYPES[header.value_format], count=header.kept, offset=pos)
+    wire = np.frombuffer(view, dtype=WIRE_DTYPES[header.value_format], count=header.kept, offset=pos)
     if header.value_format == "int8" and np.any(wire == -128):
         raise CodecError("int8 value -128 is outside the symmetric range [-127, 127]")
     return idx, _dequantize(wire, header.value_format, header.scale)
 
 
+def bfloat16_to_float32(words: np.ndarray) -> np.ndarray:
+    """bfloat16 raw words (uint16) -> float32, exactly (inverse of `bfloat16_bits` on every non-NaN value)."""
+    return (np.asarray(words, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def _dequantize(wire: np.ndarray, value_format: str, scale: float | None) -> np.ndarray:
     if value_format == "bfloat16":
-        return (wire.astype(np.uint32) << 16).view(np.float32)
+        return bfloat16_to_float32(wire)
     if value_format == "int8":
         return wire.astype(np.float32) * np.float32(scale)
     return wire.astype(np.float32)
@@ -474,7 +484,7 @@ class _Reader:
 
 
 def _payload_bytes(h: Header) -> int:
-    itemsize = _WIRE_DTYPES[h.value_format].itemsize
+    itemsize = WIRE_DTYPES[h.value_format].itemsize
     index_bytes = {
         "dense": 0,
         "bitmap": _nbytes(h.numel),

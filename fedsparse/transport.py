@@ -5,6 +5,7 @@ tensor that is not masked, concatenated). Dense FedAvg is the same payload with 
 Down, the payload carries the global weights; up, the client's update to them (trained minus received), so that
 a low-precision format rounds the small update rather than the weight. Both arrays travel as `value-dtype`;
 bfloat16 travels as its raw 16-bit words (uint16), because np.save, which Flower's Array uses, cannot write it.
+The dtype table and the bfloat16 conversion are the codec's (`fedsparse.codec`), restricted to `value-dtype`'s choices.
 
 `read_payload` checks a client's reply before anything is aggregated and raises ReplyError with the reason.
 """
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from fedsparse import codec
+from fedsparse.config import VALUE_DTYPES
 from fedsparse.sparse import Layout, Masks, num_values
 
-WIRE_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "bfloat16": np.dtype("uint16")}
-VALUE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+WIRE_DTYPES = {name: codec.WIRE_DTYPES[name] for name in VALUE_DTYPES}  # value-dtype -> numpy dtype on the wire
+VALUE_BYTES = {name: codec.VALUE_BYTES[name] for name in VALUE_DTYPES}
 PAYLOAD_KEYS = ("values", "dense")
 
 
@@ -28,16 +31,16 @@ class ReplyError(ValueError):
 
 def to_wire(x: torch.Tensor, value_dtype: str) -> np.ndarray:
     """A float tensor as the numpy array that travels."""
-    x = x.detach().cpu().float().reshape(-1)
+    flat = x.detach().cpu().float().reshape(-1).numpy()
     if value_dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.numpy().astype(WIRE_DTYPES[value_dtype])
+        return codec.bfloat16_bits(flat)
+    return flat.astype(WIRE_DTYPES[value_dtype])
 
 
 def from_wire(a: np.ndarray, value_dtype: str) -> torch.Tensor:
     """Inverse of `to_wire` (float32 tensor)."""
     if value_dtype == "bfloat16":
-        return torch.from_numpy(a.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16).float()
+        return torch.from_numpy(codec.bfloat16_to_float32(a))
     return torch.from_numpy(a.astype(np.float32))
 
 
