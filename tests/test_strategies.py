@@ -69,13 +69,25 @@ def with_random_mask(dtype="float16", **overrides):
 
 
 def test_sparse_aggregation_stays_on_the_mask(task_identity):
+    """Checked against the unmasked model, not against what `scatter` writes: setup must prune the global model
+    (a client's trained model is `scale` x the pruned one), the masked values and the dense tensors both move by
+    the example-weighted mean (5 x 2 + 15 x 4) / 20 = 3.5, and only the mask's share travels."""
+    _, original = make_strategy("random")
     strategy, state = with_random_mask()
+    masks = strategy.masks
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == round(0.1 * strategy.layout.num_maskable)
+    for k in strategy.layout.maskable:
+        assert torch.equal(state[k], torch.where(masks[k], original[k], torch.zeros(())))
     replies = [client_reply(strategy, state, 1, 5, 2.0, "float16"), client_reply(strategy, state, 2, 15, 4.0,
                                                                                    "float16")]
+    assert replies[0].content["arrays"]["values"].numpy().size == kept
     new, _ = strategy.aggregate_train(1, replies, Channel(FakeGrid(), 1.0))
     for k in strategy.layout.maskable:
-        assert torch.all(new[k][~strategy.masks[k]] == 0)
-        torch.testing.assert_close(new[k], state[k] * 3.5, rtol=2e-3, atol=1e-4)
+        expected = torch.where(masks[k], original[k] * 3.5, torch.zeros(()))
+        torch.testing.assert_close(new[k], expected, rtol=2e-3, atol=1e-4)
+    for k in strategy.layout.dense:
+        torch.testing.assert_close(new[k], original[k] * 3.5, rtol=2e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("fault", TRAIN_FAULTS)
