@@ -20,6 +20,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 LEARNING = ("dataset=digits", "lr=0.05", "momentum=0.5", "local-epochs=2", "batch-size=8")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models in this process on a shared 2-core machine: one torch thread (as clients get in simulation) is
+    much faster than torch's default here. Restores the previous count afterwards. Use it per module with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def task_identity():
     """Building a Message outside a running app needs Flower's task identity set (flower.md section 1.4)."""

@@ -48,13 +48,7 @@ from tests.conftest import SHARED_DATA
 FAST_TRAIN = TrainConfig(epochs=3, batch_size=16, lr=0.05, momentum=0.5)  # 57 steps on a 289-image task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~50x faster than torch's default here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyNet(nn.Module):

@@ -7,7 +7,6 @@ a node that loses its mask or comes back with a new node id trains again, and a 
 from __future__ import annotations
 
 import pytest
-import torch
 from flwr.app import Error, Message, RecordDict
 
 from fedsparse.client import HANDLERS
@@ -19,13 +18,7 @@ BASE = {"dataset": "digits", "model": "mlp", "num-clients": 3, "num-rounds": 3, 
         "partitioner": "iid", "strategy": "random", "sparsity": 0.5, "lr": 0.05}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The clients run in this process: one thread, as in simulation (the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class HandlerGrid:

@@ -31,6 +31,8 @@ from fedsparse.unlearning.methods.random_label import random_other_labels
 FAST = UnlearnConfig(epochs=1, retrain_epochs=1, batch_size=64, lr=0.02)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[ArrayData, ArrayData, ArrayData]:
     """(retain, forget, test) from the 8x8 digits: 540 / 60 / 300 examples."""
@@ -43,7 +45,6 @@ def digits() -> tuple[ArrayData, ArrayData, ArrayData]:
 @pytest.fixture(scope="module")
 def trained(digits) -> torch.nn.Module:
     """A cnn trained on retain + forget (the 'original' model)."""
-    torch.set_num_threads(1)
     retain, forget, _ = digits
     everything = ArrayData(np.concatenate([retain.x, forget.x]), np.concatenate([retain.y, forget.y]))
     return finetune(build_model("cnn", (1, 8, 8), 10, seed=0), everything, forget,
