@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedsparse.config import RESUME_CHANGEABLE, ConfigError, parse_assignments, resolve
+from fedsparse.config import RESUME_CHANGEABLE, ConfigError, flatten, parse_assignments, resolve
 from fedsparse.resume import CONFIG_FILE, read_saved_config
 from fedsparse.simulation import APP_DIR
 
@@ -34,7 +34,7 @@ def build_config(preset: str | None, assignments: list[str], out: str | None, re
                               "--preset, nor an --out other than that folder")
         run_dir = Path(resume).resolve()
         saved = {**read_saved_config(run_dir), "output-dir": str(run_dir), "resume": True}
-        changes = parse_assignments(assignments)
+        changes = flatten(parse_assignments(assignments))
         try:
             before = resolve(saved)
             cfg = resolve({**saved, **changes, "output-dir": str(run_dir), "resume": True})

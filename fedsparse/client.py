@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsparse import codec, sparse, topk, transport
+from fedsparse import sparse, transport
 from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model, maskable_names
+from fedsparse.topk import encode_topk_update
 from fedsparse.train import TrainConfig, evaluate, pick_device, saliency_scores, train_local
+from fedsparse.transport import TOPK_RESIDUAL, topk_arrays
 
 Handler = Callable[[RecordDict, RecordDict, dict, int], RecordDict]
 HANDLERS: dict[str, Handler] = {}
@@ -50,7 +52,7 @@ def _template(model: str, dataset: str, data_root: str, layers: str) -> tuple[to
 
 def model_and_layout(cfg: dict) -> tuple[torch.nn.Module, sparse.Layout]:
     """A model of the run's architecture (weights to be overwritten) and its mask layout, cached per process."""
-    return _template(cfg["model"], cfg["dataset"], cfg["data-root"], cfg["mask-layers"])
+    return _template(cfg["model"], cfg["dataset"], cfg["data-root"], cfg["sparse.mask-layers"])
 
 
 def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +158,7 @@ def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: in
     net, layout, _, _ = _load(content, state, cfg)
     x, y = local_data(cfg, partition_id)
     scores = saliency_scores(net, x, y, list(layout.maskable), batch_size=cfg["batch-size"],
-                             batches=cfg["saliency-batches"], seed=_seed(cfg, 0, partition_id),
+                             batches=cfg["sparse.saliency-batches"], seed=_seed(cfg, 0, partition_id),
                              device=pick_device(cfg["device"]))
     flat = torch.cat([scores[k].reshape(-1) for k in layout.maskable])
     return RecordDict({
@@ -182,32 +184,6 @@ def install_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id
 
 # ------------------------------------------------------------------------------- top-k with error feedback
 
-TOPK_KEY = "update"  # the one Array of a top-k reply
-TOPK_STYPE = "fedsparse.codec"  # its Array.stype: raw codec bytes, no npy header
-TOPK_RESIDUAL = "topk-residual"  # the ArrayRecord in the node state that carries what was not sent yet
-
-
-def encode_topk_update(update: np.ndarray, residual: np.ndarray | None, density: float, value_dtype: str
-                       ) -> tuple[bytes, np.ndarray]:
-    """(codec bytes of the top-k of update + residual, new residual).
-
-    The new residual also takes the rounding error of the sent values (value_dtype), so that decoded sent
-    values + new residual == update + residual: nothing is lost, only sent later.
-    """
-    idx, vals, residual = topk.compress(update.astype(np.float32, copy=False), residual, density)
-    buf = codec.encode_sparse(update.size, idx, vals, value_dtype)
-    _, sent_idx, sent_vals = codec.decode_sparse(buf, max_elements=update.size)  # what the server will see
-    sent = np.zeros(update.size, dtype=np.float32)
-    sent[sent_idx] = sent_vals
-    residual[idx] += vals - sent[idx]  # (a dense-layout buffer also carries zeros off idx: they change nothing)
-    return buf, residual
-
-
-def topk_arrays(buf: bytes) -> ArrayRecord:
-    """The reply's ArrayRecord: one Array whose data is the codec buffer itself (count_bytes = len + key)."""
-    return ArrayRecord({TOPK_KEY: Array(dtype="uint8", shape=(len(buf),), stype=TOPK_STYPE, data=buf)})
-
-
 @handler("train.topk")
 def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """Train on the dense global model, reply the top-k of (update + residual) as codec bytes."""
@@ -217,7 +193,7 @@ def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: 
     if residual is not None and residual.shape != update.shape:  # another model: the old residual is meaningless
         residual = None
     dtype = str(content["config"].get("value-dtype", "float32"))
-    buf, residual = encode_topk_update(update, residual, cfg["topk-density"], dtype)
+    buf, residual = encode_topk_update(update, residual, cfg["sparse.topk-density"], dtype)
     state[TOPK_RESIDUAL] = ArrayRecord({"residual": Array(residual)})
     return RecordDict({"arrays": topk_arrays(buf), "metrics": metrics,
                        "config": ConfigRecord({"mask-fingerprint": fp,

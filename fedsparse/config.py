@@ -5,7 +5,7 @@ run_config, strings from `--set key=value`, a preset TOML) into a complete, vali
 training starts with a `ConfigError` that names the offending key and what it allows.
 
 Invariants of a resolved config: every float is finite, `seed` is in [0, MAX_SEED], `min-clients` <= `num-clients`,
-`output-dir` is not blank, `mask-layers` is a normalised comma list. What needs the data, the model or the machine
+`output-dir` is not blank, `sparse.mask-layers` is a normalised comma list. What needs the data, the model or the machine
 (the split, maskable weights, a GPU, a writable folder) is checked by `fedsparse.simulation.preflight`. A resumed
 run may differ from its checkpoint only in RESUME_CHANGEABLE and RESUME_IGNORED (`fedsparse.resume`).
 """
@@ -35,6 +35,32 @@ RESUME_CHANGEABLE = ("num-rounds", "round-timeout", "connect-timeout", "device",
                      "min-clients")
 # Not compared on resume: where the run folder is (a copied folder resumes) and the resume flag itself.
 RESUME_IGNORED = ("output-dir", "resume")
+
+
+# Keys that moved into a namespace (Flower turns the nested table [tool.flwr.app.config.sparse] into "sparse.<key>").
+# The old flat names are still read, so existing commands (`--set sparsity=0.8`) and run folders keep working.
+RENAMED = {old: f"sparse.{old}" for old in ("sparsity", "mask-scope", "mask-layers", "saliency-fraction",
+                                            "saliency-batches", "saliency-aggregation", "value-dtype",
+                                            "warmup-rounds", "topk-density")}
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables (a preset's `[sparse]`, TOML dotted keys) -> dotted keys, as Flower does for the run config;
+    old flat names (RENAMED) become their namespaced key."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = value
+    for old_name, new_name in RENAMED.items():
+        if old_name in out:
+            value = out.pop(old_name)
+            if new_name in out and out[new_name] != value:
+                raise ConfigError(f"config key '{old_name}' is now '{new_name}', and both are set ({value!r} and "
+                                  f"{out[new_name]!r}): set only '{new_name}'")
+            out[new_name] = value
+    return out
 
 
 class ConfigError(ValueError):
@@ -92,20 +118,20 @@ SCHEMA: dict[str, Key] = {
                      tuple(OPTIMIZERS)),
     "seed": Key(int, 42, "seed for data split, init, sampling and training",
                 check=lambda v: 0 <= v <= MAX_SEED, rule=f"in [0, {2**32 - 1}]"),
-    # sparsity (ssfl, random, magnitude, topk)
-    "sparsity": Key(float, 0.9, "fraction of maskable weights pruned", check=lambda v: 0.0 <= v < 1.0,
+    # sparse.*: the sparse strategies (ssfl, random, magnitude, topk)
+    "sparse.sparsity": Key(float, 0.9, "fraction of maskable weights pruned", check=lambda v: 0.0 <= v < 1.0,
                     rule="in [0, 1)"),
-    "mask-scope": Key(str, "global", "top-k over all maskable tensors or per tensor", ("global", "layerwise")),
-    "mask-layers": Key(str, "conv,linear", "which weights are maskable: comma list of conv, linear"),
-    "saliency-fraction": Key(float, 1.0, "share of clients asked for saliency", check=_in_unit_open,
+    "sparse.mask-scope": Key(str, "global", "top-k over all maskable tensors or per tensor", ("global", "layerwise")),
+    "sparse.mask-layers": Key(str, "conv,linear", "which weights are maskable: comma list of conv, linear"),
+    "sparse.saliency-fraction": Key(float, 1.0, "share of clients asked for saliency", check=_in_unit_open,
                              rule="in (0, 1]"),
-    "saliency-batches": Key(int, 1, "minibatches per client for the saliency score", check=lambda v: v >= 1,
+    "sparse.saliency-batches": Key(int, 1, "minibatches per client for the saliency score", check=lambda v: v >= 1,
                             rule=">= 1"),
-    "saliency-aggregation": Key(str, "weighted", "how the server averages client scores", ("weighted", "mean")),
-    "value-dtype": Key(str, "float32", "precision of values on the wire (sparse strategies)", VALUE_DTYPES),
-    "warmup-rounds": Key(int, 1, "magnitude: dense rounds before the mask is fixed", check=lambda v: v >= 0,
+    "sparse.saliency-aggregation": Key(str, "weighted", "how the server averages client scores", ("weighted", "mean")),
+    "sparse.value-dtype": Key(str, "float32", "precision of values on the wire (sparse strategies)", VALUE_DTYPES),
+    "sparse.warmup-rounds": Key(int, 1, "magnitude: dense rounds before the mask is fixed", check=lambda v: v >= 0,
                          rule=">= 0"),
-    "topk-density": Key(float, 0.1, "topk: share of update entries each client sends", check=_in_unit_open,
+    "sparse.topk-density": Key(float, 0.1, "topk: share of update entries each client sends", check=_in_unit_open,
                         rule="in (0, 1]"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
@@ -167,7 +193,7 @@ def _coerce(name: str, key: Key, value: Any) -> Any:
 def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults updated with `overrides`, every key checked. Raises ConfigError naming the first bad key."""
     cfg = {name: key.default for name, key in SCHEMA.items()}
-    for name, value in (overrides or {}).items():
+    for name, value in flatten(overrides or {}).items():
         if name not in SCHEMA:
             raise ConfigError(f"unknown config key '{name}'; known keys: {', '.join(sorted(SCHEMA))}")
         cfg[name] = _coerce(name, SCHEMA[name], value)
@@ -179,10 +205,10 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
             raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(key.choices)}")
         if key.check is not None and not key.check(value):
             raise ConfigError(f"config key '{name}': {value!r} must be {key.rule}")
-    layers = [x.strip() for x in cfg["mask-layers"].split(",") if x.strip()]
+    layers = [x.strip() for x in cfg["sparse.mask-layers"].split(",") if x.strip()]
     if not layers or any(x not in ("conv", "linear") for x in layers):
-        raise ConfigError(f"config key 'mask-layers': {cfg['mask-layers']!r} must be a comma list of conv, linear")
-    cfg["mask-layers"] = ",".join(layers)  # "conv, linear" -> "conv,linear": every reader splits on ","
+        raise ConfigError(f"config key 'sparse.mask-layers': {cfg['sparse.mask-layers']!r} must be a comma list of conv, linear")
+    cfg["sparse.mask-layers"] = ",".join(layers)  # "conv, linear" -> "conv,linear": every reader splits on ","
     if cfg["fraction-train"] * cfg["num-clients"] < 1.0:
         raise ConfigError(
             f"config key 'fraction-train': {cfg['fraction-train']} x num-clients {cfg['num-clients']} "
@@ -201,6 +227,7 @@ def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]
     counts as its default; a key that is no longer in the schema is ignored. `num-rounds` may only grow, which
     the caller checks against the rounds already done.
     """
+    saved, wanted = flatten(saved), flatten(wanted)
     conflicts = []
     for name, key in SCHEMA.items():
         if name in RESUME_CHANGEABLE or name in RESUME_IGNORED:

@@ -2,7 +2,7 @@
 N SuperNodes with registered keys, and the SuperExec processes that run the apps; the same topology as
 `docker-compose.yml`, without Docker.
 
-    python -m fedsparse.deploy --nodes 3 --set num-rounds=3 sparsity=0.9
+    python -m fedsparse.deploy --nodes 3 --set num-rounds=3 sparse.sparsity=0.9
 
 starts everything, submits an SSFL run on `digits` with `flwr run`, follows it, prints the final status taken
 from `flwr ls --format json` (never from `flwr run`'s exit code, which is 0 for failed runs too), compares the
@@ -53,7 +53,7 @@ FINISHED_OK = "finished:completed"
 CLIENT_NICENESS = 10  # scheduling priority of the SuperNodes' SuperExecs (hence of their ClientApp processes)
 
 # The run the CLI submits when nothing is overridden: small enough for a laptop, sparse like the paper.
-DEFAULT_RUN = {"strategy": "ssfl", "dataset": "digits", "sparsity": 0.9, "num-rounds": 3, "local-epochs": 1,
+DEFAULT_RUN = {"strategy": "ssfl", "dataset": "digits", "sparse.sparsity": 0.9, "num-rounds": 3, "local-epochs": 1,
                "round-timeout": 120.0}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsparse.config import RESUME_CHANGEABLE, SCHEMA, ConfigError, resume_conflicts
+from fedsparse.config import RESUME_CHANGEABLE, SCHEMA, ConfigError, flatten, resume_conflicts
 
 log = logging.getLogger("fedsparse")
 
@@ -79,6 +79,7 @@ def read_saved_config(run_dir: Path) -> dict[str, Any]:
         raise ResumeError(f"cannot resume: {path} is damaged ({err})") from err
     if not isinstance(saved, dict):
         raise ResumeError(f"cannot resume: {path} holds a JSON {type(saved).__name__}, not an object of settings")
+    saved = flatten(saved)  # a run saved before the sparse.* namespace had flat names
     dropped = sorted(k for k in saved if k not in SCHEMA)
     if dropped:
         log.warning("%s: ignoring settings this version no longer has: %s", path, ", ".join(dropped))
@@ -87,9 +88,10 @@ def read_saved_config(run_dir: Path) -> dict[str, Any]:
 
 def check_resume(checkpoint: Checkpoint, cfg: dict[str, Any], path: Path) -> None:
     """Refuse, naming the keys, a resume whose settings differ from the checkpoint's beyond what may change."""
-    conflicts = resume_conflicts(checkpoint.config, cfg)
+    saved = flatten(checkpoint.config)
+    conflicts = resume_conflicts(saved, cfg)
     if conflicts:
-        changes = ", ".join(f"{k} {checkpoint.config.get(k, SCHEMA[k].default)!r} -> {cfg[k]!r}" for k in conflicts)
+        changes = ", ".join(f"{k} {saved.get(k, SCHEMA[k].default)!r} -> {cfg[k]!r}" for k in conflicts)
         raise ResumeError(f"cannot resume from {path}: it was made with other settings ({changes}); on resume only "
                           f"{', '.join(RESUME_CHANGEABLE)} may change (num-rounds only upwards)")
     if cfg["num-rounds"] < checkpoint.rounds_done:

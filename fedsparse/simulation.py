@@ -84,15 +84,15 @@ def check_run_settings(cfg: dict) -> None:
                           f"{cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
     if cfg["strategy"] in ("ssfl", "random", "magnitude"):
-        names = maskable_names(model, tuple(x.strip() for x in cfg["mask-layers"].split(",")))
+        names = maskable_names(model, tuple(x.strip() for x in cfg["sparse.mask-layers"].split(",")))
         if not names:
-            raise ConfigError(f"config key 'mask-layers': model {cfg['model']} has no {cfg['mask-layers']} weights "
+            raise ConfigError(f"config key 'sparse.mask-layers': model {cfg['model']} has no {cfg['sparse.mask-layers']} weights "
                               f"for a {cfg['strategy']} mask")
         layout = Layout.of(model.state_dict(), names)
         try:
-            check_density(layout, 1.0 - cfg["sparsity"], cfg["mask-scope"])
+            check_density(layout, 1.0 - cfg["sparse.sparsity"], cfg["sparse.mask-scope"])
         except MaskError as err:
-            raise ConfigError(f"config key 'sparsity': {err}") from err
+            raise ConfigError(f"config key 'sparse.sparsity': {err}") from err
 
 
 def preflight(cfg: dict) -> None:

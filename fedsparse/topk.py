@@ -14,6 +14,8 @@ from numbers import Real
 
 import numpy as np
 
+from fedsparse import codec
+
 
 def topk_indices(x: np.ndarray, density: float) -> np.ndarray:
     """Sorted flat int64 indices of the k = max(1, round(density * size)) largest |x|.
@@ -78,3 +80,19 @@ def _check_density(density: float) -> None:
     valid = isinstance(density, Real) and not isinstance(density, bool) and 0 < density <= 1
     if not valid:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+
+
+def encode_topk_update(update: np.ndarray, residual: np.ndarray | None, density: float, value_dtype: str
+                       ) -> tuple[bytes, np.ndarray]:
+    """(codec bytes of the top-k of update + residual, new residual).
+
+    The new residual also takes the rounding error of the sent values (value_dtype), so that decoded sent
+    values + new residual == update + residual: nothing is lost, only sent later.
+    """
+    idx, vals, residual = compress(update.astype(np.float32, copy=False), residual, density)
+    buf = codec.encode_sparse(update.size, idx, vals, value_dtype)
+    _, sent_idx, sent_vals = codec.decode_sparse(buf, max_elements=update.size)  # what the server will see
+    sent = np.zeros(update.size, dtype=np.float32)
+    sent[sent_idx] = sent_vals
+    residual[idx] += vals - sent[idx]  # (a dense-layout buffer also carries zeros off idx: they change nothing)
+    return buf, residual

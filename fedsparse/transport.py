@@ -86,3 +86,14 @@ def logical_payload_bytes(layout: Layout, masks: Masks | None, value_dtype: str)
     """Values x bytes per value, without any header."""
     return sum(num_values(layout, masks)) * VALUE_BYTES[value_dtype]
 
+
+# ---- top-k replies: one Array holding raw codec bytes
+
+TOPK_KEY = "update"  # the one Array of a top-k reply (`fedsparse.topk.encode_topk_update` bytes)
+TOPK_STYPE = "fedsparse.codec"  # its Array.stype: raw codec bytes, no npy header
+TOPK_RESIDUAL = "topk-residual"  # the ArrayRecord in the node state that carries what was not sent yet
+
+
+def topk_arrays(buf: bytes) -> ArrayRecord:
+    """The reply's ArrayRecord: one Array whose data is the codec buffer itself (count_bytes = len + key)."""
+    return ArrayRecord({TOPK_KEY: Array(dtype="uint8", shape=(len(buf),), stype=TOPK_STYPE, data=buf)})

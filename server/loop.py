@@ -129,7 +129,7 @@ def run_federation(grid, run_config: dict) -> dict:
     device = pick_device(cfg["device"])
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes, seed=cfg["seed"])
-    layout = sparse.Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["mask-layers"].split(","))))
+    layout = sparse.Layout.of(model.state_dict(), maskable_names(model, tuple(cfg["sparse.mask-layers"].split(","))))
     strategy = STRATEGIES[cfg["strategy"]](cfg, layout)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows: list[dict] = []

@@ -27,7 +27,7 @@ from bench_codec import best_time  # simulations/ is the script's own folder
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from threadpoolctl import threadpool_limits
 
-from fedsparse import client, codec, sparse, transport
+from fedsparse import codec, sparse, topk, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
 from fedsparse.results import load_run, run_label
@@ -150,12 +150,12 @@ def topk_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[di
     for density in TOPK_DENSITIES:
         for dtype in DTYPES:
             s = make_strategy("topk", model, layout, density, dtype)
-            buf, _ = client.encode_topk_update(update, None, density, dtype)  # the client's own code path
+            buf, _ = topk.encode_topk_update(update, None, density, dtype)  # the client's own code path
             header = codec.read_header(buf, max_elements=n)
             bits = codec.entropy_bound_bits(n, header.kept)  # a mask that changes every round: n H(d)
             value_bytes = transport.VALUE_BYTES[dtype]
             r = row(model, "topk", density, dtype, layout, s.train_content(1, state)["arrays"], s.train_config(1),
-                    client.topk_arrays(buf), sparse.NO_MASK, s.logical_bytes(),
+                    transport.topk_arrays(buf), sparse.NO_MASK, s.logical_bytes(),
                     logical_update_bytes(header), 1, bits / 8 + header.kept * value_bytes,
                     (0, discovery_up(), 0, 0))
             r.update(kept=header.kept, layout=header.layout, fedlab_up=codec.fedlab_topk_bytes(header.kept))
@@ -349,7 +349,7 @@ def codec_speed(n: int = 11_173_962, density: float = 0.1, dtype: str = "float16
     codec's encode alone, and the server's decode."""
     update = np.random.default_rng(SEED).standard_normal(n).astype(np.float32)
     with threadpool_limits(limits=1):
-        step_s, (buf, _) = best_time(lambda: client.encode_topk_update(update, None, density, dtype), repeats)
+        step_s, (buf, _) = best_time(lambda: topk.encode_topk_update(update, None, density, dtype), repeats)
         _, idx, vals = codec.decode_sparse(buf, max_elements=n)
         enc_s, _ = best_time(lambda: codec.encode_sparse(n, idx, vals, dtype), repeats)
         dec_s, _ = best_time(lambda: codec.decode_sparse(buf, max_elements=n), repeats)

@@ -2,7 +2,7 @@
 # The local multi-node deployment (SuperLink with TLS + SuperNode authentication, N SuperNodes, SuperExecs) on
 # loopback, one SSFL run, final status from `flwr ls`; every process is stopped at the end.
 #
-#   simulations/deploy_local.sh --nodes 3 --set num-rounds=3 sparsity=0.9
+#   simulations/deploy_local.sh --nodes 3 --set num-rounds=3 sparse.sparsity=0.9
 #
 # All arguments go to `python -m fedsparse.deploy` (see --help). Uses the repository's .venv if there is one.
 set -euo pipefail

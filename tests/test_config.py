@@ -3,13 +3,13 @@ import tomllib
 import pytest
 
 from fedsparse.cli import main as cli_main
-from fedsparse.config import SCHEMA, ConfigError, parse_assignments, resolve
+from fedsparse.config import SCHEMA, ConfigError, flatten, parse_assignments, resolve
 from tests.conftest import REPO
 
 
 def test_pyproject_lists_every_key_with_the_schema_default():
     app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(app_config) == set(SCHEMA)
+    assert set(flatten(app_config)) == set(SCHEMA)
     assert resolve(app_config) == resolve({})
 
 
@@ -119,7 +119,7 @@ def test_empty_output_dir_is_refused(value):
 
 
 def test_mask_layers_with_spaces_are_normalised():
-    assert resolve({"mask-layers": " conv , linear"})["mask-layers"] == "conv,linear"
+    assert resolve({"sparse.mask-layers": " conv , linear"})["sparse.mask-layers"] == "conv,linear"
 
 
 def preflight_error(tmp_path, **settings) -> str:
@@ -144,7 +144,7 @@ def test_preflight_names_classes_per_client_beyond_the_classes(tmp_path):
 
 def test_preflight_names_mask_layers_when_the_model_has_none(tmp_path):
     message = preflight_error(tmp_path, model="mlp", strategy="ssfl", mask_layers="conv")
-    assert "'mask-layers'" in message and "mlp" in message
+    assert "'sparse.mask-layers'" in message and "mlp" in message
 
 
 def test_preflight_names_device_cuda_without_a_gpu(tmp_path):

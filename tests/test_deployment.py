@@ -99,7 +99,7 @@ def _access(d: LocalDeployment) -> list[tuple[int, str, str, int]]:
 
 @pytest.fixture(scope="module")
 def clean_run(dep):
-    run_id, status, summary = _run(dep, {"strategy": "ssfl", "sparsity": 0.9, "num-rounds": 2})
+    run_id, status, summary = _run(dep, {"strategy": "ssfl", "sparse.sparsity": 0.9, "num-rounds": 2})
     return {"run_id": run_id, "status": status, "summary": summary}
 
 

@@ -95,7 +95,7 @@ def test_config_json_with_an_invalid_value_names_the_file_and_the_key(tmp_path, 
     (folder / CONFIG_FILE).write_text(json.dumps({**SETTINGS, "sparsity": 3.0}))
     assert resume_cli(folder) == 2
     err = capsys.readouterr().err
-    assert "'sparsity'" in err and CONFIG_FILE in err
+    assert "'sparse.sparsity'" in err and CONFIG_FILE in err
 
 
 @pytest.mark.parametrize("setting,key", [("sparsity=0.5", "sparsity"), ("seed=7", "seed"), ("lr=0.5", "lr"),

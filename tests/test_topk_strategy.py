@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsparse import client, codec, sparse
+from fedsparse import client, codec, sparse, topk, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
 from fedsparse.replies import NodeInfo
@@ -34,7 +34,7 @@ def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16"):
 
 def topk_reply(node_id: int, n: int, buf: bytes):
     content = RecordDict({
-        "arrays": client.topk_arrays(buf),
+        "arrays": transport.topk_arrays(buf),
         "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": node_id}),
         "config": ConfigRecord({"mask-fingerprint": sparse.NO_MASK, "server-round": 1}),
     })
@@ -44,7 +44,7 @@ def topk_reply(node_id: int, n: int, buf: bytes):
 def random_update(strategy, seed: int, dtype: str = "float16") -> tuple[bytes, np.ndarray]:
     """Codec bytes of a client's top-k Gaussian update, and the dense update the server should decode."""
     update = np.random.default_rng(seed).standard_normal(strategy.numel).astype(np.float32) * 1e-2
-    buf, _ = client.encode_topk_update(update, None, DENSITY, dtype)
+    buf, _ = topk.encode_topk_update(update, None, DENSITY, dtype)
     return buf, codec.decode(buf, max_elements=strategy.numel)
 
 
@@ -90,23 +90,23 @@ def corrupt(buf: bytes, fault: str, strategy) -> ArrayRecord:
         head = codec.read_header(buf, max_elements=n).header_bytes
         bad = bytearray(buf)
         bad[head] ^= 0x80
-        return client.topk_arrays(bytes(bad))
+        return transport.topk_arrays(bytes(bad))
     if fault == "truncated":
-        return client.topk_arrays(buf[:-3])
+        return transport.topk_arrays(buf[:-3])
     if fault == "huge-declared-size":  # a valid buffer, for a tensor 1000x the model
-        return client.topk_arrays(codec.encode_sparse(1000 * n, np.array([0, 5]), np.ones(2), "float16"))
+        return transport.topk_arrays(codec.encode_sparse(1000 * n, np.array([0, 5]), np.ones(2), "float16"))
     if fault == "wrong-shape":
-        return client.topk_arrays(codec.encode_sparse(n - 1, np.array([0, 5]), np.ones(2), "float16"))
+        return transport.topk_arrays(codec.encode_sparse(n - 1, np.array([0, 5]), np.ones(2), "float16"))
     if fault == "wrong-value-format":
-        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.ones(2), "float32"))
+        return transport.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.ones(2), "float32"))
     if fault == "nan":
-        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([1.0, np.nan]), "float16"))
+        return transport.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([1.0, np.nan]), "float16"))
     if fault == "inf":
-        return client.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([np.inf, 1.0]), "float16"))
+        return transport.topk_arrays(codec.encode_sparse(n, np.array([0, 5]), np.array([np.inf, 1.0]), "float16"))
     if fault == "npy-array":  # a plain numpy Array, not codec bytes
-        return ArrayRecord({client.TOPK_KEY: Array(np.zeros(n, dtype=np.float16))})
+        return ArrayRecord({transport.TOPK_KEY: Array(np.zeros(n, dtype=np.float16))})
     if fault == "extra-key":
-        rec = client.topk_arrays(buf)
+        rec = transport.topk_arrays(buf)
         rec["dense"] = Array(np.zeros(3, dtype=np.float16))
         return rec
     raise ValueError(fault)
@@ -150,7 +150,7 @@ def test_sent_plus_residual_is_the_corrected_update(density, dtype):
     """Whatever layout the codec picks (0.95 in float16 is dense), rounding errors stay in the residual."""
     rng = np.random.default_rng(0)
     update, residual = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
-    buf, new_residual = client.encode_topk_update(update, residual.copy(), density, dtype)
+    buf, new_residual = topk.encode_topk_update(update, residual.copy(), density, dtype)
     sent = codec.decode(buf, max_elements=1000)
     assert np.count_nonzero(sent) == round(density * 1000)
     np.testing.assert_allclose(sent + new_residual, update + residual, rtol=0, atol=1e-6)
@@ -190,7 +190,7 @@ def test_the_handler_sends_later_what_it_did_not_send_now(task_identity, monkeyp
         assert int(torch.count_nonzero(update)) <= round(DENSITY * strategy.numel)
         assert reply["metrics"]["num-examples"] == 7 and reply["config"]["mask-fingerprint"] == sparse.NO_MASK
         sent += update.double()
-    residual = torch.from_numpy(node_state[client.TOPK_RESIDUAL]["residual"].numpy()).double()
+    residual = torch.from_numpy(node_state[transport.TOPK_RESIDUAL]["residual"].numpy()).double()
     total = torch.stack(raw).double().sum(0)
     assert float(residual.abs().sum()) > 0  # something is still waiting to be sent
     torch.testing.assert_close(sent + residual, total, rtol=0, atol=1e-5)

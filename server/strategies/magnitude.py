@@ -11,7 +11,7 @@ class MagnitudeMask(MaskedFedAvg):
     name = "magnitude"
 
     def mask_due(self, server_round: int) -> bool:
-        return server_round > self.cfg["warmup-rounds"]
+        return server_round > self.cfg["sparse.warmup-rounds"]
 
     def make_mask(self, channel: Channel, nodes: dict[int, int], state: sparse.State) -> sparse.Masks:
-        return sparse.magnitude_mask(state, self.layout.maskable, self.target_density, self.cfg["mask-scope"])
+        return sparse.magnitude_mask(state, self.layout.maskable, self.target_density, self.cfg["sparse.mask-scope"])

@@ -24,17 +24,17 @@ class MaskedFedAvg(FedAvg):
 
     def __init__(self, cfg: dict, layout: sparse.Layout) -> None:
         super().__init__(cfg, layout)
-        sparse.check_density(layout, self.target_density, cfg["mask-scope"])
+        sparse.check_density(layout, self.target_density, cfg["sparse.mask-scope"])
         self.holders: set[int] = set()  # node ids that confirmed holding the current mask
         self.client_fingerprints: dict[int, str] = {}  # partition id -> fingerprint of the mask it stored
 
     @property
     def value_dtype(self) -> str:
-        return self.cfg["value-dtype"] if self.masks is not None else "float32"
+        return self.cfg["sparse.value-dtype"] if self.masks is not None else "float32"
 
     @property
     def target_density(self) -> float:
-        return 1.0 - self.cfg["sparsity"]
+        return 1.0 - self.cfg["sparse.sparsity"]
 
     def mask_due(self, server_round: int) -> bool:
         """Whether the mask is to be made before `server_round` (once; it is then fixed)."""

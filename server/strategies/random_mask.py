@@ -12,4 +12,4 @@ class RandomMask(MaskedFedAvg):
 
     def make_mask(self, channel: Channel, nodes: dict[int, int], state: sparse.State) -> sparse.Masks:
         shapes = {k: self.layout.shapes[k] for k in self.layout.maskable}
-        return sparse.random_mask(shapes, self.target_density, self.cfg["seed"], self.cfg["mask-scope"])
+        return sparse.random_mask(shapes, self.target_density, self.cfg["seed"], self.cfg["sparse.mask-scope"])

@@ -16,7 +16,7 @@ class SSFL(MaskedFedAvg):
 
     def make_mask(self, channel: Channel, nodes: dict[int, int], state: sparse.State) -> sparse.Masks:
         cfg = self.cfg
-        asked = sample_partitions(cfg["num-clients"], cfg["saliency-fraction"], cfg["seed"], 0)
+        asked = sample_partitions(cfg["num-clients"], cfg["sparse.saliency-fraction"], cfg["seed"], 0)
         _, dense = sparse.gather(state, self.layout, None)
         content = RecordDict({"arrays": transport.make_payload(torch.zeros(0), dense, "float32"),
                               "config": self.train_config(0)})
@@ -32,12 +32,12 @@ class SSFL(MaskedFedAvg):
         if not scores:
             raise RuntimeError("no client returned valid saliency scores; cannot build the SSFL mask")
         scores.sort(key=lambda s: s[0])
-        if cfg["saliency-aggregation"] == "mean":
+        if cfg["sparse.saliency-aggregation"] == "mean":
             mean = weighted_mean([(1.0, s) for _, _, s in scores])
         else:
             mean = weighted_mean([(float(n), s) for _, n, s in scores])
         per_tensor = sparse.split_flat(mean, self.layout, self.layout.maskable)
-        return sparse.topk_mask(per_tensor, self.target_density, cfg["mask-scope"])
+        return sparse.topk_mask(per_tensor, self.target_density, cfg["sparse.mask-scope"])
 
     def read_scores(self, reply: Message) -> tuple[int, int, torch.Tensor]:
         """(partition id, num-examples, scores) of a valid saliency reply; ReplyError says why not."""

@@ -3,7 +3,7 @@
 Down, the payload is FedAvg's with no mask (every tensor in `dense`), in `value-dtype`. Each client trains, adds
 its carried residual to its update, keeps the `topk-density` largest entries and replies with them encoded by
 `fedsparse.codec` (Rice or bitmap indices, values in `value-dtype`), as one Array holding the raw codec bytes
-(`fedsparse.client.topk_train`). The server decodes every reply, densifies it and adds the example-weighted
+(the client handler of `train.topk`). The server decodes every reply, densifies it and adds the example-weighted
 mean of the updates to the global model.
 
 Logical uplink bytes of a reply = kept values x bytes per value + ceil(index-stream bits / 8), where the index
@@ -20,12 +20,12 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedsparse import codec, sparse, transport
-from fedsparse.client import TOPK_KEY as UPDATE_KEY
-from fedsparse.client import TOPK_STYPE as CODEC_STYPE
+from fedsparse.transport import TOPK_KEY as UPDATE_KEY
+from fedsparse.transport import TOPK_STYPE as CODEC_STYPE
 from fedsparse.transport import ReplyError
 from server.strategies.base import Channel, FedAvg
 
-MESSAGE_TYPE = "train.topk"  # the client handler `fedsparse.client.topk_train`
+MESSAGE_TYPE = "train.topk"  # the client's top-k train handler
 
 
 def index_bits(header: codec.Header) -> int:
@@ -52,11 +52,11 @@ class TopK(FedAvg):
 
     @property
     def value_dtype(self) -> str:
-        return self.cfg["value-dtype"]
+        return self.cfg["sparse.value-dtype"]
 
     @property
     def density(self) -> float:
-        return self.cfg["topk-density"]
+        return self.cfg["sparse.topk-density"]
 
     def train_content(self, server_round: int, state: sparse.State) -> RecordDict:
         """What every client of the round receives: the whole model, unmasked, in value-dtype."""
