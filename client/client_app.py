@@ -1,4 +1,7 @@
-"""Flower ClientApp: routes every message action to its handler in `fedsparse.client.HANDLERS`.
+"""Flower ClientApp: routes every message action to its handler in `client.handlers.HANDLERS`.
+
+Importing this module imports every module of `client/` that registers handlers (`client.handlers`, and
+`client.continual` for the continual-learning actions), so the app routes all of them.
 
 `build_app(mods)` makes the same ClientApp with Flower mods around every handler (tests/faults.py wraps it with
 a fault-injecting mod); `app` is the plain one that pyproject.toml names.
@@ -12,7 +15,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsparse.client import HANDLERS
+from client.handlers import HANDLERS
 from fedsparse.config import resolve
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -33,7 +36,7 @@ def _route(message_type: str) -> Callable[[Message, Context], Message]:
 
 
 def build_app(mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp with one route per handler in `fedsparse.client.HANDLERS`, wrapped by `mods`."""
+    """A ClientApp with one route per handler in `client.handlers.HANDLERS`, wrapped by `mods`."""
     client_app = ClientApp(mods=mods)
     for message_type in HANDLERS:
         category, _, action = message_type.partition(".")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from client.handlers import local_data
 from fedsparse import sparse
-from fedsparse.client import local_data
 from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model, maskable_names

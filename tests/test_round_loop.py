@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import Error, Message, RecordDict
 
-from fedsparse.client import HANDLERS
+from client.handlers import HANDLERS
 from fedsparse.config import resolve
 from fedsparse.results import read_rounds
 from server.loop import TrainingFailed, run_federation

@@ -8,7 +8,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsparse import client, codec, sparse, topk, transport
+from client import handlers as client
+from fedsparse import codec, sparse, topk, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
 from fedsparse.replies import NodeInfo

@@ -1,8 +1,12 @@
 """What a client does for each message action, as plain functions over records.
 
 `HANDLERS` maps a Flower message type ("train", "evaluate", "query.<name>") to a handler
-`(content, state, cfg, partition_id) -> RecordDict`. The ClientApp in `client/` only looks the handler up; a new
-strategy that needs a new client action registers one here with `@handler("query.<name>")`.
+`(content, state, cfg, partition_id) -> RecordDict`. The ClientApp (`client.client_app`) only looks the handler up; a
+new strategy that needs a new client action registers one with `@handler("query.<name>")` (here, or in its own
+module of `client/` that `client.client_app` imports, as `client.continual` does).
+
+The data a train message trains on is `client_data(cfg, task, partition_id)`, with `task = config["task"]` of the
+message (default: the run's dataset).
 
 `state` is the node's Context.state: it keeps the installed mask between rounds (in deployment every message is
 a fresh process, so nothing else survives). A node whose state lost the mask (a restarted SuperNode) answers a
@@ -33,6 +37,13 @@ HANDLERS: dict[str, Handler] = {}
 
 
 def handler(message_type: str) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of `message_type` ("train", "train.<name>", "evaluate",
+    "query.<name>"); a second registration of the same type replaces the first."""
+    category, _, action = message_type.partition(".")
+    if category not in ("train", "evaluate", "query") or (action and not action.isidentifier()):
+        raise ValueError(f"message type must be train, evaluate or query, optionally '.<identifier>'; "
+                         f"got {message_type!r}")
+
     def wrap(fn: Handler) -> Handler:
         HANDLERS[message_type] = fn
         return fn
@@ -56,10 +67,25 @@ def model_and_layout(cfg: dict) -> tuple[torch.nn.Module, sparse.Layout]:
 
 
 def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """This client's share of the run's dataset: its train examples, or with `split="val"` its held-out ones."""
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     train_idx, val_idx = client_split(cfg, partition_id)
     idx = train_idx if split == "train" else val_idx
     return ds.x_train[idx], ds.y_train[idx]
+
+
+def task_of(content: RecordDict, cfg: dict) -> str:
+    """The data view a message asks for: its config record's `task`, else the run's dataset."""
+    config = content.get("config", {})
+    return str(config.get("task", cfg["dataset"]))
+
+
+def client_data(cfg: dict, task: str, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The examples this client trains on for `task` (the run's dataset: its partition of it, `local_data`).
+    Other tasks come from `fedsparse.tasks` once that module exists."""
+    if task != cfg["dataset"]:
+        raise ValueError(f"task {task!r}: this client only knows the run's dataset {cfg['dataset']!r}")
+    return local_data(cfg, partition_id, split)
 
 
 class MaskMissing(RuntimeError):
@@ -122,7 +148,7 @@ def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id
     net, layout, masks, fp = _load(content, state, cfg)
     values0, dense0 = _received(net, layout, masks)
     conf = content["config"]
-    x, y = local_data(cfg, partition_id)
+    x, y = client_data(cfg, task_of(content, cfg), partition_id)
     tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
                      cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
     loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
