@@ -1,29 +1,41 @@
-"""The run configuration: one flat schema of hyphenated keys, shared by `flwr run`, `fedsparse run` and the tests.
+"""The run configuration: one schema of hyphenated keys, shared by `flwr run`, `fedsparse run` and the tests.
 
+Core keys are flat (`strategy`, `lr`); the keys of one family of methods live in a namespace, a dotted prefix
+(`sparse.sparsity`, later `cl.*`): Flower turns the nested table `[tool.flwr.app.config.sparse]` into them.
 Every key has a type, a default and a check. `resolve()` turns whatever the caller has (Flower's typed
 run_config, strings from `--set key=value`, a preset TOML) into a complete, validated dict, and fails before any
 training starts with a `ConfigError` that names the offending key and what it allows.
 
+The names a key may take from a registry (`strategy`, `experiment`, `optimizer`) are the registry's own: this
+module holds no second list of them, and imports `server.*` registries only inside `resolve()`, so `fedsparse`
+stays importable without the `server` package. A namespaced key set to something other than its default must be
+used by the run: it is in the chosen strategy's `config_keys` or in a namespace of the chosen experiment's
+`config_namespaces`; otherwise `resolve()` refuses it by name (a run would silently ignore it). Comparing with the
+default, not asking whether the key was given, makes this work under `flwr run` too, which passes every key.
+
 Invariants of a resolved config: every float is finite, `seed` is in [0, MAX_SEED], `min-clients` <= `num-clients`,
-`output-dir` is not blank, `sparse.mask-layers` is a normalised comma list. What needs the data, the model or the machine
-(the split, maskable weights, a GPU, a writable folder) is checked by `fedsparse.simulation.preflight`. A resumed
+`output-dir` is not blank, `sparse.mask-layers` is a normalised comma list, every namespaced key off its default is
+read by the chosen strategy or experiment. What needs the data, the model or the machine (the split, maskable
+weights, a GPU, a writable folder) is checked by `fedsparse.simulation.preflight`. A resumed
 run may differ from its checkpoint only in RESUME_CHANGEABLE and RESUME_IGNORED (`fedsparse.resume`).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedsparse.continual.procedure import FEDERATED_METHODS as CL_METHODS
 from fedsparse.optim import OPTIMIZERS
+from fedsparse.tasks import STREAMS as CL_STREAMS
 
-STRATEGIES = ("fedavg", "ssfl", "random", "magnitude", "topk")
 DATASETS = ("fashion-mnist", "mnist", "usps", "cifar10", "cifar100", "digits")
 MODELS = ("cnn", "mlp", "resnet18")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
-VALUE_DTYPES = ("float32", "float16", "bfloat16")
+VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block scales (fedsparse.transport)
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
@@ -67,14 +79,48 @@ class ConfigError(ValueError):
     """An invalid run configuration; the message names the key."""
 
 
+# Registries whose names are the choices of a key, as "module:ATTRIBUTE" (a dict keyed by name).
+STRATEGY_REGISTRY = "server.strategies:STRATEGIES"
+EXPERIMENT_REGISTRY = "server.experiments:EXPERIMENTS"
+
+
+def registry(path: str) -> Mapping[str, Any] | None:
+    """The registry at "module:ATTRIBUTE", imported on first use; None while that module does not exist (another
+    module missing inside it is an error, raised as is)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            return None
+        raise
+    return getattr(module, attr)
+
+
 @dataclass(frozen=True)
 class Key:
+    """One run-config key: its type, default, help text and what values it allows."""
+
     type: type
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], bool] | None = None
     rule: str = ""  # human wording of `check`, for the error message
+    registry: str = ""  # "module:ATTRIBUTE" whose names are the choices (read by `allowed`, not at import)
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The values this key may take: its registry's names (only the default while the registry's module does
+        not exist yet), its fixed choices, or None for any value that passes `check`."""
+        if self.registry:
+            names = registry(self.registry)
+            return (self.default,) if names is None else tuple(names)
+        return self.choices
+
+
+def namespace(name: str) -> str:
+    """"sparse" for "sparse.sparsity"; "" for a core key."""
+    return name.partition(".")[0] if "." in name else ""
 
 
 def _in_unit_open(x: float) -> bool:
@@ -83,7 +129,9 @@ def _in_unit_open(x: float) -> bool:
 
 SCHEMA: dict[str, Key] = {
     # what runs
-    "strategy": Key(str, "fedavg", "federated strategy", STRATEGIES),
+    "experiment": Key(str, "standard", "experiment: phases of federated rounds (server.experiments)",
+                      registry=EXPERIMENT_REGISTRY),
+    "strategy": Key(str, "fedavg", "federated strategy (server.strategies)", registry=STRATEGY_REGISTRY),
     "dataset": Key(str, "fashion-mnist", "dataset name", DATASETS),
     "model": Key(str, "cnn", "model name", MODELS),
     "data-root": Key(str, "", "explicit data folder (else $FEDSPARSE_DATA, ../shared/data, Debian, download)"),
@@ -133,6 +181,24 @@ SCHEMA: dict[str, Key] = {
                          rule=">= 0"),
     "sparse.topk-density": Key(float, 0.1, "topk: share of update entries each client sends", check=_in_unit_open,
                         rule="in (0, 1]"),
+    # cl.*: the continual experiment (experiment = "continual"; server/experiments/continual.py)
+    "cl.stream": Key(str, "domains", "task stream (fedsparse.tasks.STREAMS)", CL_STREAMS),
+    "cl.method": Key(str, "finetune", "continual method", CL_METHODS),
+    "cl.rounds-per-task": Key(int, 5, "federated rounds on each task", check=lambda v: v >= 1, rule=">= 1"),
+    "cl.sfa-p": Key(float, 0.25, "SFA: average every p x the task's rounds (sfa) or local steps (sfa-client), "
+                    "and at the task's end", check=_in_unit_open, rule="in (0, 1]"),
+    "cl.sfa-beta": Key(float, 0.25, "SFA: weight of the previous task's model in the average",
+                       check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1]"),
+    "cl.penalty": Key(float, 1.0, "l2 / ewc: strength lambda of lambda/2 sum F (w - anchor)^2",
+                      check=lambda v: v >= 0, rule=">= 0"),
+    "cl.fisher-examples": Key(int, 200, "ewc: examples per client for its Fisher estimate",
+                              check=lambda v: v >= 1, rule=">= 1"),
+    "cl.replay-size": Key(int, 200, "replay: past-task examples each client keeps", check=lambda v: v >= 1,
+                          rule=">= 1"),
+    "cl.train-size": Key(int, 2000, "training examples kept per task (a prefix; 0 = all)",
+                         check=lambda v: v >= 0, rule=">= 0"),
+    "cl.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,
+                        rule=">= 0"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),
@@ -190,6 +256,48 @@ def _coerce(name: str, key: Key, value: Any) -> Any:
     return str(value)
 
 
+def strategy_config_keys(strategy: str) -> frozenset[str] | None:
+    """The namespaced keys strategy `strategy` reads (its class's `config_keys`); None when the class does not
+    declare them (then no key is refused on its account)."""
+    strategies = registry(STRATEGY_REGISTRY) or {}
+    return getattr(strategies.get(strategy), "config_keys", None)
+
+
+def experiment_namespaces(experiment: str) -> frozenset[str]:
+    """The namespaces experiment `experiment` reads (its registry entry's `config_namespaces`; none if undeclared)."""
+    experiments = registry(EXPERIMENT_REGISTRY) or {}
+    return frozenset(getattr(experiments.get(experiment), "config_namespaces", ()))
+
+
+def check_keys_are_used(cfg: dict[str, Any], given: Mapping[str, Any] | None = None) -> None:
+    """ConfigError for the first namespaced key whose value differs from its default although neither the chosen
+    strategy (`config_keys`) nor the chosen experiment (`config_namespaces`) reads it. The message names the key,
+    the name it was given under (an old flat name), and the strategies or experiments that would use it."""
+    strategy, experiment = cfg["strategy"], cfg["experiment"]
+    strategy_keys = strategy_config_keys(strategy)
+    if strategy_keys is None:
+        return
+    used = set(strategy_keys)
+    namespaces = experiment_namespaces(experiment)
+    for name, key in SCHEMA.items():
+        space = namespace(name)
+        if not space or name in used or space in namespaces or cfg[name] == key.default:
+            continue
+        old_names = [old for old, new in RENAMED.items() if new == name and old in (given or {})]
+        given_as = f" (given as '{old_names[0]}')" if old_names else ""
+        users = [n for n in (registry(STRATEGY_REGISTRY) or {}) if name in (strategy_config_keys(n) or ())]
+        experiments = [n for n in (registry(EXPERIMENT_REGISTRY) or {}) if space in experiment_namespaces(n)]
+        if users:
+            hint = f"strategies that use it: {', '.join(users)}"
+        elif experiments:
+            hint = f"experiments that use it: {', '.join(experiments)}"
+        else:
+            hint = "no strategy or experiment uses it"
+        raise ConfigError(f"config key '{name}'{given_as} is set to {cfg[name]!r}, but strategy {strategy} with "
+                          f"experiment {experiment} does not use it ({hint}); leave it at its default "
+                          f"{key.default!r}")
+
+
 def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults updated with `overrides`, every key checked. Raises ConfigError naming the first bad key."""
     cfg = {name: key.default for name, key in SCHEMA.items()}
@@ -201,13 +309,15 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         value = cfg[name]
         if key.type is float and not math.isfinite(value):
             raise ConfigError(f"config key '{name}': {value!r} is not a finite number")
-        if key.choices is not None and value not in key.choices:
-            raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(key.choices)}")
+        choices = key.allowed()
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key '{name}': {value!r} is not one of {', '.join(choices)}")
         if key.check is not None and not key.check(value):
             raise ConfigError(f"config key '{name}': {value!r} must be {key.rule}")
     layers = [x.strip() for x in cfg["sparse.mask-layers"].split(",") if x.strip()]
     if not layers or any(x not in ("conv", "linear") for x in layers):
-        raise ConfigError(f"config key 'sparse.mask-layers': {cfg['sparse.mask-layers']!r} must be a comma list of conv, linear")
+        raise ConfigError(f"config key 'sparse.mask-layers': {cfg['sparse.mask-layers']!r} must be a comma list of "
+                          "conv, linear")
     cfg["sparse.mask-layers"] = ",".join(layers)  # "conv, linear" -> "conv,linear": every reader splits on ","
     if cfg["fraction-train"] * cfg["num-clients"] < 1.0:
         raise ConfigError(
@@ -217,6 +327,7 @@ def resolve(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if cfg["min-clients"] > cfg["num-clients"]:
         raise ConfigError(f"config key 'min-clients': {cfg['min-clients']} is more than num-clients "
                           f"{cfg['num-clients']}; the run would wait for clients that never come")
+    check_keys_are_used(cfg, overrides or {})
     return cfg
 
 

@@ -65,6 +65,18 @@ def check_split(cfg: dict, num_examples: int, num_classes: int) -> None:
                           f"{num_classes} classes of {cfg['dataset']}")
 
 
+def uses_mask(strategy: str) -> bool:
+    """Whether `strategy` prunes the model to a fixed mask: it reads `sparse.sparsity` (its `config_keys`)."""
+    from fedsparse.config import registry, strategy_config_keys
+
+    keys = strategy_config_keys(strategy)
+    if keys is None:  # a strategy class that does not declare its keys: a mask strategy if it has a mask setup
+        from server.strategies.masked import MaskedFedAvg
+
+        return issubclass((registry("server.strategies:STRATEGIES") or {})[strategy], MaskedFedAvg)
+    return "sparse.sparsity" in keys
+
+
 def check_run_settings(cfg: dict) -> None:
     """The checks that hold on any machine: the dataset is found, the split is possible, the model builds and has
     maskable weights, a mask of the asked density is possible. The ServerApp runs them too, so `flwr run` fails at
@@ -83,11 +95,11 @@ def check_run_settings(cfg: dict) -> None:
         raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {n} examples over "
                           f"{cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
-    if cfg["strategy"] in ("ssfl", "random", "magnitude"):
+    if uses_mask(cfg["strategy"]):
         names = maskable_names(model, tuple(x.strip() for x in cfg["sparse.mask-layers"].split(",")))
         if not names:
-            raise ConfigError(f"config key 'sparse.mask-layers': model {cfg['model']} has no {cfg['sparse.mask-layers']} weights "
-                              f"for a {cfg['strategy']} mask")
+            raise ConfigError(f"config key 'sparse.mask-layers': model {cfg['model']} has no "
+                              f"{cfg['sparse.mask-layers']} weights for a {cfg['strategy']} mask")
         layout = Layout.of(model.state_dict(), names)
         try:
             check_density(layout, 1.0 - cfg["sparse.sparsity"], cfg["sparse.mask-scope"])
