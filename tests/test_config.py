@@ -187,3 +187,149 @@ def test_cli_stops_a_bad_setting_before_ray(capsys, tmp_path, monkeypatch):
         code = cli_main(["run", "--set", "dataset=digits", "num-clients=4", "partitioner=shard", setting,
                          "--out", str(tmp_path / "o")])
         assert code == 2 and f"'{key}'" in capsys.readouterr().err, setting
+
+
+# ------------------------------------------------------------------ registries and the keys a run uses
+
+# Which namespaced keys each strategy reads, per the design, used only while a strategy class does not declare its
+# own `config_keys` yet; once they do, the tests below check the declared sets.
+FALLBACK_CONFIG_KEYS = {
+    "fedavg": {"sparse.mask-layers"},
+    "ssfl": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.saliency-fraction",
+             "sparse.saliency-batches", "sparse.saliency-aggregation", "sparse.value-dtype"},
+    "random": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.value-dtype"},
+    "magnitude": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.value-dtype",
+                  "sparse.warmup-rounds"},
+    "topk": {"sparse.mask-layers", "sparse.value-dtype", "sparse.topk-density"},
+}
+# A value other than the default, for every sparse.* key.
+OFF_DEFAULT = {"sparse.sparsity": 0.5, "sparse.mask-scope": "layerwise", "sparse.mask-layers": "conv",
+               "sparse.saliency-fraction": 0.5, "sparse.saliency-batches": 2, "sparse.saliency-aggregation": "mean",
+               "sparse.value-dtype": "float16", "sparse.warmup-rounds": 2, "sparse.topk-density": 0.2}
+
+
+@pytest.fixture
+def strategy_keys(monkeypatch) -> dict[str, frozenset[str]]:
+    """{strategy: the namespaced keys it reads}: the classes' own `config_keys`, or the fallback table while the
+    classes do not declare them (set on the classes for the test's duration)."""
+    from server.strategies import STRATEGIES
+
+    if not any(hasattr(cls, "config_keys") for cls in STRATEGIES.values()):
+        for name, cls in STRATEGIES.items():
+            monkeypatch.setattr(cls, "config_keys", frozenset(FALLBACK_CONFIG_KEYS[name]), raising=False)
+    return {name: cls.config_keys for name, cls in STRATEGIES.items()}
+
+
+def test_every_sparse_key_has_an_off_default_value():
+    assert set(OFF_DEFAULT) == {name for name in SCHEMA if name.startswith("sparse.")}
+    assert all(SCHEMA[name].default != value for name, value in OFF_DEFAULT.items())
+
+
+def test_strategy_choices_are_the_registry_names():
+    from server.strategies import STRATEGIES
+
+    assert SCHEMA["strategy"].allowed() == tuple(STRATEGIES)
+    with pytest.raises(ConfigError, match="'strategy': 'fedprox' is not one of " + ", ".join(STRATEGIES)):
+        resolve({"strategy": "fedprox"})
+
+
+def test_experiment_defaults_to_standard_and_takes_only_registry_names():
+    from fedsparse.config import EXPERIMENT_REGISTRY, registry
+
+    assert resolve({})["experiment"] == "standard"
+    experiments = registry(EXPERIMENT_REGISTRY)
+    names = ("standard",) if experiments is None else tuple(experiments)  # before server.experiments exists
+    assert "standard" in names and SCHEMA["experiment"].allowed() == names
+    with pytest.raises(ConfigError, match="'experiment': 'bogus' is not one of " + ", ".join(names)):
+        resolve({"experiment": "bogus"})
+
+
+def test_a_missing_registry_module_is_none_but_a_broken_one_raises(tmp_path, monkeypatch):
+    from fedsparse.config import registry
+
+    assert registry("no_such_module_here.sub:THING") is None
+    (tmp_path / "broken_registry_mod.py").write_text("import no_such_dependency_here\nTHING = {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_here"):
+        registry("broken_registry_mod:THING")
+
+
+@pytest.mark.parametrize("key", sorted(OFF_DEFAULT))
+@pytest.mark.parametrize("strategy", sorted(FALLBACK_CONFIG_KEYS))
+def test_a_sparse_key_off_its_default_must_be_used_by_the_strategy(strategy_keys, strategy, key):
+    overrides = {"strategy": strategy, key: OFF_DEFAULT[key]}
+    if key in strategy_keys[strategy]:
+        assert resolve(overrides)[key] == OFF_DEFAULT[key]
+        return
+    users = [name for name, keys in strategy_keys.items() if key in keys]
+    with pytest.raises(ConfigError) as err:
+        resolve(overrides)
+    message = str(err.value)
+    assert f"config key '{key}'" in message and f"strategy {strategy}" in message
+    assert f"strategies that use it: {', '.join(users)}" in message
+
+
+def test_the_design_facts_about_which_strategy_reads_what(strategy_keys):
+    assert "sparse.value-dtype" not in strategy_keys["fedavg"]
+    assert not {"sparse.sparsity", "sparse.topk-density"} & strategy_keys["fedavg"]
+    assert {"sparse.sparsity", "sparse.value-dtype", "sparse.saliency-batches"} <= strategy_keys["ssfl"]
+    assert "sparse.topk-density" in strategy_keys["topk"] and "sparse.sparsity" not in strategy_keys["topk"]
+    assert "sparse.warmup-rounds" in strategy_keys["magnitude"]
+    assert "sparse.saliency-batches" not in strategy_keys["random"]
+
+
+def test_a_key_at_its_default_is_fine_whatever_the_strategy(strategy_keys):
+    # presets and commands may spell out a default; only a value the run would ignore is an error
+    assert resolve({"strategy": "fedavg", "sparse.value-dtype": "float32", "sparsity": 0.9})["strategy"] == "fedavg"
+
+
+def test_an_old_flat_name_is_named_as_given(strategy_keys):
+    with pytest.raises(ConfigError, match=r"'sparse.value-dtype' \(given as 'value-dtype'\) is set to 'float16', "
+                                          r"but strategy fedavg"):
+        resolve({"value-dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"'sparse.topk-density' \(given as 'topk-density'\).*strategy ssfl"):
+        resolve({"strategy": "ssfl", "topk-density": 0.3})
+
+
+def test_flwr_run_config_with_every_default_is_checked_by_value(strategy_keys):
+    """`flwr run` passes every key of pyproject.toml (defaults included), Flower-style: nested tables flattened."""
+    app_config = flatten(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert resolve(app_config)["strategy"] == "fedavg"
+    with pytest.raises(ConfigError, match="'sparse.value-dtype' is set to 'float16', but strategy fedavg"):
+        resolve({**app_config, "sparse.value-dtype": "float16"})
+    assert resolve({**app_config, "strategy": "ssfl", "sparse.value-dtype": "float16"})["sparse.value-dtype"] == \
+        "float16"
+
+
+def test_a_namespace_the_experiment_reads_is_allowed_and_named_otherwise(strategy_keys, monkeypatch):
+    """An experiment's `config_namespaces` admits its keys; another experiment's keys are refused, naming it."""
+    from fedsparse import config
+    from server.strategies import STRATEGIES
+
+    class Standard:
+        config_namespaces = frozenset()
+
+    class Continual:
+        config_namespaces = frozenset({"cl"})
+
+    fakes = {config.EXPERIMENT_REGISTRY: {"standard": Standard, "continual": Continual},
+             config.STRATEGY_REGISTRY: STRATEGIES}
+    monkeypatch.setattr(config, "registry", fakes.get)
+    monkeypatch.setitem(SCHEMA, "cl.test-beta", config.Key(float, 0.5, "a test-only continual key"))
+    assert resolve({"experiment": "continual", "cl.test-beta": 0.25})["cl.test-beta"] == 0.25
+    assert resolve({"experiment": "standard", "cl": {"test-beta": 0.5}})["cl.test-beta"] == 0.5  # the default
+    with pytest.raises(ConfigError, match="'cl.test-beta' is set to 0.25, but strategy fedavg with experiment "
+                                          "standard does not use it \\(experiments that use it: continual\\)"):
+        resolve({"cl": {"test-beta": 0.25}})
+
+
+def test_cli_refuses_a_key_the_strategy_ignores_before_ray(strategy_keys, capsys, tmp_path, monkeypatch):
+    import fedsparse.simulation
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("simulate() was called")
+
+    monkeypatch.setattr(fedsparse.simulation, "simulate", no_ray)
+    code = cli_main(["run", "--set", "dataset=digits", "value-dtype=float16", "--out", str(tmp_path / "o")])
+    assert code == 2 and "'sparse.value-dtype' (given as 'value-dtype')" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
