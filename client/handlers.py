@@ -18,7 +18,7 @@ the mask it used (`mask-fingerprint`): the server rejects a reply bound to anoth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -29,7 +29,7 @@ from fedsparse import sparse, transport
 from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.topk import encode_topk_update
-from fedsparse.train import TrainConfig, evaluate, pick_device, saliency_scores, train_local
+from fedsparse.train import Objective, StepCallback, TrainConfig, evaluate, pick_device, saliency_scores, train_local
 from fedsparse.transport import TOPK_RESIDUAL, topk_arrays
 
 Handler = Callable[[RecordDict, RecordDict, dict, int], RecordDict]
@@ -141,18 +141,26 @@ def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -
     return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(x)})})
 
 
-def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, str, MetricRecord]:
+def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int, *,
+                 data: tuple[np.ndarray, np.ndarray] | None = None, objective: Objective | None = None,
+                 callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, torch.Tensor, str, MetricRecord]:
     """Train the received model on this client's data: (masked-value update, dense update, mask fingerprint,
-    metrics). Without a mask every tensor is in the dense update."""
+    metrics). Without a mask every tensor is in the dense update.
+
+    A client procedure may replace the data (default: `client_data` of the message's task), the objective and the
+    after-step callbacks (see `fedsparse.train.train_local`)."""
     net, layout, masks, fp = _load(content, state, cfg)
     values0, dense0 = _received(net, layout, masks)
     conf = content["config"]
-    x, y = client_data(cfg, task_of(content, cfg), partition_id)
-    tc = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
-                     cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
-    loss = train_local(net, x, y, tc, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
-                       device=pick_device(cfg["device"]))
+    x, y = data if data is not None else client_data(cfg, task_of(content, cfg), partition_id)
+    settings = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
+                           cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
+    # the procedure's seams go to train_local only when used, so the default call is the same as before them
+    procedure = {"objective": objective} if objective is not None else {}
+    if callbacks:
+        procedure["callbacks"] = callbacks
+    loss = train_local(net, x, y, settings, seed=_seed(cfg, int(conf["server-round"]), partition_id), masks=masks,
+                       device=pick_device(cfg["device"]), **procedure)
     values, dense = _received(net, layout, masks)
     metrics = MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id})
     return values - values0, dense - dense0, fp, metrics

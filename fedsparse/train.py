@@ -6,10 +6,19 @@ optimiser that moves a weight with zero gradient, cannot revive them).
 
 The optimiser comes from the registry `fedsparse.optim.OPTIMIZERS` (`TrainConfig.optimizer`, default "sgd", which
 is the same torch.optim.SGD call as before the registry existed: the SGD path is bit-identical).
+
+A client procedure may change two more things (the seams of `train_local`):
+- `objective(model, logits, targets) -> loss`: what is minimised (default `cross_entropy`; a continual method
+  adds a penalty toward an anchor). The returned mean training loss is the objective's value.
+- `callbacks`: each `callback(model, step)` runs after every optimiser step, in order, with the 1-based step
+  number of this call (e.g. client-side SFA). The masks are applied after the callbacks, so a callback that moves
+  weights cannot revive a pruned one.
+With neither, the loop performs exactly the same operations as before the seams existed (bit-identical on CPU).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +26,9 @@ import torch
 from torch import nn
 
 from fedsparse.optim import build_optimizer
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, logits, targets) -> loss
+StepCallback = Callable[[nn.Module, int], None]  # (model, 1-based optimiser step) after every step
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cross_entropy(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default objective: mean cross-entropy of `logits` against `targets` (`model` is unused)."""
+    return nn.functional.cross_entropy(logits, targets)
+
+
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero every pruned weight in place."""
     params = dict(model.named_parameters())
@@ -57,9 +74,12 @@ def train_local(
     seed: int,
     masks: dict[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    objective: Objective | None = None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> float:
-    """Train `model` in place with the optimiser `cfg.optimizer` names; returns the mean training loss.
-    Deterministic for `seed` on CPU."""
+    """Train `model` in place with the optimiser `cfg.optimizer` names, minimising `objective` (default
+    `cross_entropy`) and calling every callback after each optimiser step; returns the mean training loss (the
+    objective's value). Deterministic for `seed` on CPU."""
     device = device or torch.device("cpu")
     model.to(device).train()
     masks = {k: m.to(device=device, dtype=torch.float32) for k, m in (masks or {}).items()}
@@ -68,8 +88,8 @@ def train_local(
                           weight_decay=cfg.weight_decay)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    total, count = 0.0, 0
+    objective = objective or cross_entropy
+    total, count, step = 0.0, 0, 0
     apply_masks(model, masks)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(xt), generator=gen)
@@ -77,13 +97,16 @@ def train_local(
             idx = order[start:start + cfg.batch_size]
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = objective(model, model(xb), yb)
             loss.backward()
             for name, mask in masks.items():
                 params[name].grad.mul_(mask)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            step += 1
+            for callback in callbacks:
+                callback(model, step)
             apply_masks(model, masks)
             total += loss.item() * len(idx)
             count += len(idx)
