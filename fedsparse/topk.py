@@ -61,20 +61,6 @@ def compress(
     return idx, values, corrected
 
 
-class ErrorFeedback:
-    """Per-tensor residual memory around `compress`."""
-
-    def __init__(self, density: float) -> None:
-        _check_density(density)
-        self.density = density
-        self.residual: np.ndarray | None = None
-
-    def compress(self, update: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sent (flat indices, values) for this round; the rest is kept for the next."""
-        idx, values, self.residual = compress(update, self.residual, self.density)
-        return idx, values
-
-
 def _check_density(density: float) -> None:
     # bool is a Real too, but True as a density is a bug, not 100%; NaN fails the range check
     valid = isinstance(density, Real) and not isinstance(density, bool) and 0 < density <= 1

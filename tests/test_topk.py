@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedsparse.topk import ErrorFeedback, compress, topk_indices
+from fedsparse.topk import compress, topk_indices
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -94,20 +94,10 @@ def test_compress_does_not_modify_its_inputs():
 
 
 def test_small_coordinate_is_sent_once_its_residual_grows():
-    ef = ErrorFeedback(density=0.5)  # one of two entries per round
-    sent = [ef.compress(np.array([1.0, 0.3])) for _ in range(4)]
+    residual, sent = None, []
+    for _ in range(4):  # density 0.5: one of two entries per round
+        idx, values, residual = compress(np.array([1.0, 0.3]), residual, 0.5)
+        sent.append((idx, values))
     assert [idx.tolist() for idx, _ in sent] == [[0], [0], [0], [1]]
     assert sent[3][1][0] == pytest.approx(1.2)
-    np.testing.assert_allclose(ef.residual, [1.0, 0.0])
-
-
-def test_error_feedback_class_matches_function():
-    rng = np.random.default_rng(5)
-    ef, residual = ErrorFeedback(0.1), None
-    for _ in range(3):
-        update = rng.standard_normal((7, 9)).astype(np.float32)
-        idx, values = ef.compress(update)
-        want_idx, want_values, residual = compress(update, residual, 0.1)
-        np.testing.assert_array_equal(idx, want_idx)
-        np.testing.assert_array_equal(values, want_values)
-        np.testing.assert_array_equal(ef.residual, residual)
+    np.testing.assert_allclose(residual, [1.0, 0.0])
