@@ -85,8 +85,8 @@ EXPERIMENT_REGISTRY = "server.experiments:EXPERIMENTS"
 
 
 def registry(path: str) -> Mapping[str, Any] | None:
-    """The registry at "module:ATTRIBUTE", imported on first use; None while that module does not exist (another
-    module missing inside it is an error, raised as is)."""
+    """The registry at "module:ATTRIBUTE", imported on first use; None while that module does not exist, or is a
+    folder without `__init__.py` yet (another module missing inside it is an error, raised as is)."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -94,6 +94,8 @@ def registry(path: str) -> Mapping[str, Any] | None:
         if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
             return None
         raise
+    if getattr(module, "__file__", None) is None:  # a namespace package: the registry module is not written yet
+        return None
     return getattr(module, attr)
 
 

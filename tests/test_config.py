@@ -252,6 +252,8 @@ def test_a_missing_registry_module_is_none_but_a_broken_one_raises(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_here"):
         registry("broken_registry_mod:THING")
+    (tmp_path / "registry_folder_without_init").mkdir()  # a package being written: no __init__.py yet
+    assert registry("registry_folder_without_init:THING") is None
 
 
 @pytest.mark.parametrize("key", sorted(OFF_DEFAULT))
