@@ -112,9 +112,9 @@ class ReplayIndex:
     def note_task(self, task: str, past_labels: Callable[[str], np.ndarray]) -> None:
         """A train message for `task` arrived: if the client last trained on another task, that task is over
         and its examples (their positions, with labels from `past_labels(name)`) are offered to the buffer."""
+        if task in self.task_names:
+            raise ValueError(f"task {task!r} came back after the client moved on from it")
         if self.last_task is not None and self.last_task != task:
-            if self.last_task in self.task_names:
-                raise ValueError(f"task {self.last_task!r} came back after the client moved on from it")
             labels = past_labels(self.last_task)
             self.task_names.append(self.last_task)
             self.buffer.add_task(len(self.task_names) - 1, np.arange(len(labels), dtype=np.int64), labels)

@@ -1,0 +1,239 @@
+"""Continual learning as federated rounds: task views (`fedsparse.tasks`), the clients' procedure
+(`fedsparse.continual.procedure`, `client.continual`) and the server's experiment (`server.experiments.continual`).
+
+Everything runs on the offline `digits` streams with a small MLP; the library-level checks (SFA's formula, the
+Fisher by hand, the replay buffer's invariants, the metrics) are in tests/test_continual.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedsparse.config import resolve
+from fedsparse.continual.penalties import estimate_fisher
+from fedsparse.continual.procedure import (
+    ContinualClientState,
+    MethodSettings,
+    ReplayIndex,
+    local_procedure,
+)
+from fedsparse.continual.replay import ReplayBuffer
+from fedsparse.continual.sfa import snapshot
+from fedsparse.data import client_split
+from fedsparse.models import build_model
+from fedsparse.tasks import UnknownTask, client_data, load_task, stream_task_names, task_split
+from fedsparse.train import TrainConfig, train_local
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CL_DEFAULTS = {"cl.stream": "split-digits", "cl.method": "finetune", "cl.rounds-per-task": 2, "cl.train-size": 0,
+               "cl.test-size": 0}
+LOCAL = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.5)
+
+
+def _cfg(**cl: object) -> dict:
+    """A resolved config on digits with 3 clients, the cl.* keys set directly (no experiment check needed here)."""
+    cfg = resolve({"dataset": "digits", "num-clients": 3, "partitioner": "iid", "model": "mlp"})
+    return {**cfg, **CL_DEFAULTS, **cl}
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    return build_model("mlp", (1, 16, 16), 10, seed=seed)
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# -------------------------------------------------------------------------------------------------- tasks
+
+
+def test_task_names_shapes_and_caps():
+    cfg = _cfg()
+    names = stream_task_names("split-digits", cfg)
+    assert names == ["split-digits:0-1", "split-digits:2-3", "split-digits:4-5", "split-digits:6-7",
+                     "split-digits:8-9"]
+    task = load_task("split-digits:2-3", cfg)
+    assert task.input_shape == (1, 16, 16) and task.classes == (2, 3)
+    assert set(np.unique(task.y_train)) == {2, 3} and set(np.unique(task.y_test)) == {2, 3}
+    capped = load_task("split-digits:2-3", {**cfg, "cl.train-size": 50, "cl.test-size": 20})
+    assert len(capped.y_train) == 50 and len(capped.y_test) == 20
+    np.testing.assert_array_equal(capped.x_train, task.x_train[:50])  # a prefix of the uncapped task
+    permuted = [load_task(name, cfg) for name in stream_task_names("permuted-digits", cfg)]
+    np.testing.assert_array_equal(permuted[0].x_train, load_task("digits", cfg).x_train)  # task 0: identity
+    assert not np.array_equal(permuted[1].x_train, permuted[0].x_train)
+    np.testing.assert_array_equal(np.sort(permuted[1].x_train.reshape(len(permuted[1].x_train), -1), axis=1),
+                                  np.sort(permuted[0].x_train.reshape(len(permuted[0].x_train), -1), axis=1))
+    with pytest.raises(UnknownTask, match="no task"):
+        load_task("split-digits:9-10", cfg)
+    with pytest.raises(UnknownTask, match="unknown stream"):
+        load_task("nostream:0", cfg)
+
+
+def test_task_partitions_are_disjoint_deterministic_and_dataset_views_unchanged():
+    cfg = _cfg(**{"cl.stream": "split-digits"})
+    name = "split-digits:4-5"
+    train_sets, val_sets = zip(*(task_split(name, cfg, client) for client in range(3)), strict=True)
+    every = np.concatenate([*train_sets, *val_sets])
+    assert len(every) == len(set(every.tolist())) == len(load_task(name, cfg).y_train)  # iid covers every example
+    assert all(len(val) == round((len(train) + len(val)) * cfg["val-fraction"])
+               for train, val in zip(train_sets, val_sets, strict=True))
+    again = task_split(name, cfg, 1)
+    np.testing.assert_array_equal(again[0], train_sets[1])
+    x, y = client_data(name, cfg, 1)
+    np.testing.assert_array_equal(y, load_task(name, cfg).y_train[train_sets[1]])
+    assert x.shape == (len(train_sets[1]), 1, 16, 16)
+    # a plain dataset name is exactly the single-task split of today
+    np.testing.assert_array_equal(task_split("digits", cfg, 2)[0], client_split(cfg, 2)[0])
+    dirichlet = {**cfg, "partitioner": "dirichlet", "dirichlet-alpha": 0.3}
+    assert not np.array_equal(task_split(name, dirichlet, 0)[0], train_sets[0])
+
+
+# ------------------------------------------------------------------------------------------------- replay
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replay_index_bounded_only_past_tasks_and_state_round_trip(seed):
+    cfg = _cfg()
+    names = stream_task_names("split-digits", cfg)
+    labels = {name: client_data(name, cfg, 0)[1] for name in names}
+    replay = ReplayIndex(ReplayBuffer(40, seed=seed))
+    for index, name in enumerate(names):
+        for _ in range(2):  # two rounds on each task: the second message of a task adds nothing
+            replay.note_task(name, labels.__getitem__)
+            assert len(replay.buffer) <= 40
+            assert replay.task_names == names[:index]  # only the tasks before the current one
+            assert set(replay.buffer.contents().task_ids.tolist()) <= set(range(index))
+        x, y = replay.examples(lambda past: client_data(past, cfg, 0))
+        assert len(x) == len(y) == len(replay.buffer)
+        assert set(np.unique(y).tolist()) <= {c for past in names[:index] for c in load_task(past, cfg).classes}
+        if index == 2:
+            arrays, scalars = replay.state()
+            restored = ReplayIndex.restore({k: v.copy() for k, v in arrays.items()}, dict(scalars))
+    assert len(replay.buffer) == 40
+    for name in names[3:]:  # the restored index continues exactly as the original did
+        restored.note_task(name, labels.__getitem__)
+    np.testing.assert_array_equal(restored.buffer.contents().x, replay.buffer.contents().x)
+    np.testing.assert_array_equal(restored.buffer.contents().task_ids, replay.buffer.contents().task_ids)
+    with pytest.raises(ValueError, match="came back"):
+        replay.note_task(names[0], labels.__getitem__)
+
+
+# ------------------------------------------------------------------------------------------ local procedure
+
+
+def _train(model: torch.nn.Module, procedure, seed: int = 3) -> None:
+    train_local(model, procedure.x, procedure.y, LOCAL, seed=seed, objective=procedure.objective,
+                callbacks=procedure.callbacks)
+
+
+def test_l2_with_zero_strength_is_finetuning_in_the_client_procedure():
+    cfg = _cfg()
+    x, y = client_data("split-digits:2-3", cfg, 0)
+    anchor = snapshot(_mlp(seed=9))
+    state = ContinualClientState(anchor=anchor, anchor_task="split-digits:2-3")
+    models = {}
+    for method, strength in (("finetune", 0.0), ("l2", 0.0), ("l2", 1e-6), ("l2", 5.0)):
+        procedure = local_procedure(MethodSettings(method, penalty=strength, rounds_per_task=2), state,
+                                    "split-digits:2-3", x, y, steps_per_round=1, round_in_task=1)
+        assert (procedure.objective is None) == (method == "finetune")
+        model = _mlp()
+        _train(model, procedure)
+        models[method, strength] = snapshot(model)
+    finetuned = models["finetune", 0.0]
+    assert _same(models["l2", 0.0], finetuned)
+
+    def gap(other):
+        return max((finetuned[k] - other[k]).abs().max().item() for k in finetuned)
+
+    assert gap(models["l2", 1e-6]) < 1e-5
+    assert gap(models["l2", 5.0]) > 1e-3
+    # an anchor installed for another task is stale: the client trains as fine-tuning
+    stale = local_procedure(MethodSettings("l2", penalty=5.0, rounds_per_task=2), state, "split-digits:4-5", x, y,
+                            steps_per_round=1, round_in_task=1)
+    assert stale.objective is None and not stale.callbacks
+
+
+@pytest.mark.parametrize(("p", "expected"), [(1.0, [12]), (0.25, [3, 6, 9, 12]), (0.5, [6, 12])])
+def test_client_sfa_counts_steps_over_the_task(p, expected):
+    """3 rounds of 4 local steps: T = 12 steps; SFA averages every round(p T) steps of the task and at step 12."""
+    cfg = _cfg()
+    x, y = client_data("split-digits:2-3", cfg, 0)
+    x, y = x[:64], y[:64]  # 4 steps of 16 per epoch
+    anchor = snapshot(_mlp(seed=9))
+    state = ContinualClientState(anchor=anchor, anchor_task="split-digits:2-3")
+    settings = MethodSettings("sfa-client", sfa_p=p, sfa_beta=0.5, rounds_per_task=3)
+    local = TrainConfig(epochs=1, batch_size=16, lr=0.05)
+    model = _mlp()
+    averaged = []
+    for round_in_task in (1, 2, 3):
+        procedure = local_procedure(settings, state, "split-digits:2-3", x, y, steps_per_round=4,
+                                    round_in_task=round_in_task)
+        train_local(model, procedure.x, procedure.y, local, seed=round_in_task, callbacks=procedure.callbacks)
+        averaged += procedure.sfa.averaged_at
+    assert averaged == expected
+
+
+def test_sfa_client_average_equals_the_formula_after_the_last_step():
+    """With p = 1 the last step's weights are (1 - beta) theta + beta anchor, theta the plain SGD result."""
+    cfg = _cfg()
+    x, y = client_data("split-digits:2-3", cfg, 0)
+    anchor = snapshot(_mlp(seed=9))
+    state = ContinualClientState(anchor=anchor, anchor_task="split-digits:2-3")
+    local = TrainConfig(epochs=1, batch_size=len(y), lr=0.05)  # one step
+    plain, averaged = _mlp(), _mlp()
+    train_local(plain, x, y, local, seed=1)
+    procedure = local_procedure(MethodSettings("sfa-client", sfa_p=1.0, sfa_beta=0.3, rounds_per_task=1), state,
+                                "split-digits:2-3", x, y, steps_per_round=1, round_in_task=1)
+    train_local(averaged, x, y, local, seed=1, callbacks=procedure.callbacks)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(averaged.state_dict()[key], 0.7 * value + 0.3 * anchor[key], rtol=0, atol=1e-6)
+
+
+def test_replay_procedure_appends_the_buffer_and_ewc_needs_a_fisher():
+    cfg = _cfg()
+    x, y = client_data("split-digits:2-3", cfg, 0)
+    past = client_data("split-digits:0-1", cfg, 0)
+    procedure = local_procedure(MethodSettings("replay", rounds_per_task=1), ContinualClientState(),
+                                "split-digits:2-3", x, y, steps_per_round=1, round_in_task=1,
+                                replay_data=(past[0][:5], past[1][:5]))
+    assert len(procedure.y) == len(y) + 5 and procedure.objective is None
+    np.testing.assert_array_equal(procedure.y[len(y):], past[1][:5])
+    state = ContinualClientState(anchor=snapshot(_mlp()), anchor_task="split-digits:2-3")
+    with pytest.raises(ValueError, match="no Fisher"):
+        local_procedure(MethodSettings("ewc", rounds_per_task=1), state, "split-digits:2-3", x, y,
+                        steps_per_round=1, round_in_task=1)
+    with pytest.raises(ValueError, match="unknown continual method"):
+        MethodSettings("nope")
+
+
+# ------------------------------------------------------------------------------------------ client handlers
+
+
+def test_client_handlers_keep_the_anchor_and_send_the_fisher():
+    from client.continual import fisher, install_anchor, load_client_state
+
+    cfg = _cfg(**{"cl.method": "ewc"})
+    model = _mlp(seed=4)
+    anchor = ArrayRecord(model.state_dict())
+    diagonal = {name: torch.rand(param.shape) for name, param in model.named_parameters()}
+    content = RecordDict({"anchor": anchor, "config": ConfigRecord({"task": "split-digits:2-3", "fisher-examples": 77}),
+                          "fisher": ArrayRecord({k: Array(v.numpy()) for k, v in diagonal.items()})})
+    state = RecordDict()
+    reply = install_anchor(content, state, cfg, 1)
+    assert reply["config"]["task"] == "split-digits:2-3"
+    kept = load_client_state(state)
+    assert kept.anchor_task == "split-digits:2-3" and kept.fisher.num_examples == 77
+    assert _same(kept.anchor, model.state_dict()) and _same(kept.fisher.diagonal, diagonal)
+
+    request = RecordDict({"model": anchor, "config": ConfigRecord({"task": "split-digits:0-1",
+                                                                   "fisher-examples": 30})})
+    answer = fisher(request, RecordDict(), cfg, 1)
+    x, y = client_data("split-digits:0-1", cfg, 1)
+    expected = estimate_fisher(_mlp(seed=4), x, y, max_examples=30)
+    assert answer["metrics"]["num-examples"] == 30
+    for key, value in expected.diagonal.items():
+        torch.testing.assert_close(torch.from_numpy(answer["fisher"][key].numpy()), value, rtol=1e-5, atol=1e-8)
