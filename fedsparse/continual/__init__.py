@@ -6,6 +6,8 @@
 - `replay`: a bounded, seeded per-client buffer of past-task examples.
 - `metrics`: accuracy matrix metrics (average accuracy, forgetting, backward transfer), CSV and heat map.
 - `driver`: `run_stream`, a centralised trainer through a stream with one method.
+- `procedure`: the local training procedure of each method in a federated run (data, objective, callbacks) and
+  what a client keeps between rounds (anchor, Fisher, replay index).
 """
 
 from fedsparse.continual.driver import (
@@ -34,14 +36,56 @@ from fedsparse.continual.penalties import (
     ewc_penalty,
     l2_penalty,
 )
+from fedsparse.continual.procedure import (
+    FEDERATED_METHODS,
+    ContinualClientState,
+    LocalProcedure,
+    MethodSettings,
+    ReplayIndex,
+    local_procedure,
+)
 from fedsparse.continual.replay import ReplayBuffer, with_replay
 from fedsparse.continual.sfa import ServerSFA, SFACallback, SFAConfig, SFASchedule, average_model_, sfa_average
 from fedsparse.continual.streams import Task, domain_stream, partition_task, permuted_stream, split_stream
 
 __all__ = [
-    "METHODS", "ContinualSummary", "EpochAccuracy", "FisherEstimate", "QuadraticPenalty", "ReplayBuffer", "SFACallback", "SFAConfig",
-    "SFASchedule", "ServerSFA", "StreamConfig", "StreamResult", "Task", "aggregate_fishers", "average_accuracy",
-    "average_forgetting", "average_model_", "backward_transfer", "domain_stream", "estimate_fisher", "ewc_penalty",
-    "l2_penalty", "partition_task", "permuted_stream", "plot_matrix", "run_stream", "sfa_average", "split_stream", "steps_per_task",
-    "summarize", "train_task", "with_replay", "write_matrix_csv",
+    "FEDERATED_METHODS",
+    "METHODS",
+    "ContinualClientState",
+    "ContinualSummary",
+    "EpochAccuracy",
+    "FisherEstimate",
+    "LocalProcedure",
+    "MethodSettings",
+    "QuadraticPenalty",
+    "ReplayBuffer",
+    "ReplayIndex",
+    "SFACallback",
+    "SFAConfig",
+    "SFASchedule",
+    "ServerSFA",
+    "StreamConfig",
+    "StreamResult",
+    "Task",
+    "aggregate_fishers",
+    "average_accuracy",
+    "average_forgetting",
+    "average_model_",
+    "backward_transfer",
+    "domain_stream",
+    "estimate_fisher",
+    "ewc_penalty",
+    "l2_penalty",
+    "local_procedure",
+    "partition_task",
+    "permuted_stream",
+    "plot_matrix",
+    "run_stream",
+    "sfa_average",
+    "split_stream",
+    "steps_per_task",
+    "summarize",
+    "train_task",
+    "with_replay",
+    "write_matrix_csv",
 ]

@@ -11,8 +11,8 @@ Methods (`METHODS`):
 - `replay`: each task trained on its data plus the whole replay buffer of past-task examples.
 
 Invariants:
-- `train_task` with no penalty and no callbacks performs exactly the computation of `fedsparse.train.train_local`
-  (without masks): same batches for the same seed, same optimiser, so the same weights bit for bit.
+- `train_task` is `fedsparse.train.train_local` (the federated clients' loop) with the penalty as objective: the
+  same batches for the same seed, the same optimiser, so without a penalty the same weights bit for bit.
 - Task i trains with seed `config.seed * 1000 + i`; row i of the matrix is measured right after task i ends (after
   SFA's end-of-task averaging), on every task's test set.
 """
@@ -35,11 +35,11 @@ from fedsparse.continual.penalties import (
     ewc_penalty,
     l2_penalty,
 )
+from fedsparse.continual.procedure import penalty_objective
 from fedsparse.continual.replay import ReplayBuffer, with_replay
 from fedsparse.continual.sfa import SFACallback, SFAConfig, SFASchedule, StateDict, snapshot
 from fedsparse.continual.streams import Task
-from fedsparse.optim import build_optimizer
-from fedsparse.train import TrainConfig, evaluate
+from fedsparse.train import TrainConfig, evaluate, train_local
 
 METHODS = ("finetune", "sfa", "l2", "ewc", "replay")
 StepCallback = Callable[[nn.Module, int], None]  # (model, 1-based step), called after every optimiser step
@@ -53,34 +53,11 @@ def steps_per_task(num_examples: int, config: TrainConfig) -> int:
 def train_task(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *, seed: int,
                penalty: QuadraticPenalty | None = None, callbacks: Sequence[StepCallback] = (),
                device: torch.device | None = None) -> float:
-    """Train `model` in place on (x, y) with loss = cross-entropy + penalty(model); call every callback after each
-    optimiser step. Returns the mean cross-entropy (without the penalty). Deterministic for `seed` on CPU."""
-    device = device or torch.device("cpu")
-    model.to(device).train()
-    optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    total, count, step = 0.0, 0, 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            xb, yb = xt[idx].to(device), yt[idx].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            task_loss = loss_fn(model(xb), yb)
-            loss = task_loss if penalty is None else task_loss + penalty(model)
-            loss.backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            for callback in callbacks:
-                callback(model, step)
-            total += task_loss.item() * len(idx)
-            count += len(idx)
-    return total / max(count, 1)
+    """Train `model` in place on (x, y) with loss = cross-entropy + penalty(model), calling every callback after
+    each optimiser step: `fedsparse.train.train_local` with the penalty as its objective. Returns the mean
+    training loss (penalty included). Deterministic for `seed` on CPU."""
+    objective = penalty_objective(penalty) if penalty is not None else None
+    return train_local(model, x, y, config, seed=seed, device=device, objective=objective, callbacks=callbacks)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ after task i; entries above the diagonal are accuracies on tasks not trained on 
 - average forgetting F = (1/(T-1)) sum_{j<T-1} (max_{j<=i<T-1} R[i, j] - R[T-1, j])   (Chaudhry et al. 2018)
 - backward transfer  BWT = (1/(T-1)) sum_{j<T-1} (R[T-1, j] - R[j, j])           (Lopez-Paz & Ranzato 2017)
 
-F and BWT are 0 for a single task (nothing to forget). Accuracies are fractions in [0, 1].
+F and BWT are 0 for a single task (nothing to forget). Accuracies are fractions in [0, 1]. Entries above the
+diagonal may be NaN (a federated run evaluates only the tasks seen so far); none of the metrics reads them.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def plot_matrix(path: str | Path, matrix: np.ndarray, task_names: Sequence[str],
     image = axes.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(len(matrix)):
         for j in range(len(matrix)):
-            axes.text(j, i, f"{100 * matrix[i, j]:.0f}", ha="center", va="center",
-                      color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
+            if not np.isnan(matrix[i, j]):  # NaN: a task not evaluated after task i (j > i in a federated run)
+                axes.text(j, i, f"{100 * matrix[i, j]:.0f}", ha="center", va="center",
+                          color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
     axes.set_xticks(range(len(matrix)), task_names, rotation=45, ha="right", fontsize=7)
     axes.set_yticks(range(len(matrix)), task_names, fontsize=7)
     axes.set_xlabel("evaluated on task j")
