@@ -4,8 +4,10 @@ Invariants:
 - Every task of a stream has images of one common shape (C, H, W), float32 in [0, 1], and int64 labels in
   0..9 for a shared 10-way head (class-incremental: split tasks keep their global labels, nothing is remapped).
 - `Task.classes` lists the labels that occur in the task, sorted.
-- Builders are deterministic: the same arguments give the same arrays (subsets are prefixes of the dataset, which
-  `load_dataset` already returns in an order without class structure; permutations come from a seeded generator).
+- Builders are deterministic: the same arguments give the same arrays. Training subsets are prefixes (the training
+  sets come from `load_dataset` in an order without class structure); test subsets are a fixed seeded draw, kept
+  in order (`test_subset`: the CIFAR-10 JPEG test set is sorted by class, so its prefix is one class); pixel
+  permutations come from a seeded generator.
 
 Streams:
 - `domain_stream`: MNIST -> USPS -> Fashion-MNIST -> CIFAR-10, all greyscale (ITU-R 601 luma for CIFAR-10) and
@@ -26,6 +28,7 @@ from fedsparse.data import Dataset, load_dataset
 
 DOMAIN_DATASETS = ("mnist", "usps", "fashion-mnist", "cifar10")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, the usual RGB -> grey conversion
+TEST_SUBSET_SEED = 20251  # the fixed draw of a task's test subset
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,21 @@ def _check_subset(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive number of examples or None, got {value}")
 
 
+def test_subset(num_examples: int, test_size: int | None) -> np.ndarray:
+    """Indices of the `test_size` test examples a task keeps: all of them, or a fixed random subset in their
+    original order (a prefix would not do: the CIFAR-10 JPEG test set is sorted by class)."""
+    if test_size is None or test_size >= num_examples:
+        return np.arange(num_examples)
+    return np.sort(np.random.default_rng(TEST_SUBSET_SEED).permutation(num_examples)[:test_size])
+
+
 def _make_task(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                train_size: int | None, test_size: int | None) -> Task:
+    """A task from its arrays: the first `train_size` training examples, `test_subset` of the test examples
+    (`x_test` may already be that subset: then pass test_size=None)."""
     x_train, y_train = x_train[:train_size], y_train[:train_size]
-    x_test, y_test = x_test[:test_size], y_test[:test_size]
+    keep = test_subset(len(y_test), test_size)
+    x_test, y_test = x_test[keep], y_test[keep]
     classes = tuple(int(c) for c in np.unique(np.concatenate([y_train, y_test])))
     return Task(name, np.ascontiguousarray(x_train, dtype=np.float32), y_train.astype(np.int64),
                 np.ascontiguousarray(x_test, dtype=np.float32), y_test.astype(np.int64), classes)
@@ -88,8 +102,8 @@ def domain_stream(*, image_size: int = 28, train_size: int | None = None, test_s
         tasks.append(_make_task(
             name,
             to_grey_resized(data.x_train[:train_size], image_size), data.y_train,
-            to_grey_resized(data.x_test[:test_size], image_size), data.y_test,
-            train_size, test_size))
+            to_grey_resized(data.x_test[test_subset(len(data.y_test), test_size)], image_size),
+            data.y_test[test_subset(len(data.y_test), test_size)], train_size, None))
     return tasks
 
 
@@ -133,7 +147,8 @@ def permuted_stream(dataset: str = "fashion-mnist", *, num_tasks: int = 5, seed:
     if num_tasks <= 0:
         raise ValueError(f"num_tasks must be positive, got {num_tasks}")
     data = load_dataset(dataset, data_root)
-    x_train, x_test = data.x_train[:train_size], data.x_test[:test_size]
+    keep = test_subset(len(data.y_test), test_size)
+    x_train, x_test = data.x_train[:train_size], data.x_test[keep]
     channels, height, width = x_train.shape[1:]
     perms = pixel_permutations(num_tasks, height * width, seed, first_identity=first_identity)
 
@@ -142,7 +157,7 @@ def permuted_stream(dataset: str = "fashion-mnist", *, num_tasks: int = 5, seed:
         return flat[:, :, perm].reshape(images.shape)
 
     return [_make_task(f"{dataset}:perm{index}", permute(x_train, perm), data.y_train[:train_size],
-                       permute(x_test, perm), data.y_test[:test_size], None, None)
+                       permute(x_test, perm), data.y_test[keep], None, None)
             for index, perm in enumerate(perms)]
 
 
