@@ -215,6 +215,8 @@ SCHEMA: dict[str, Key] = {
     "output-dir": Key(str, "results/latest", "where results and checkpoints go",
                       check=lambda v: bool(v.strip()), rule="a non-empty path"),
     "resume": Key(bool, False, "continue from the checkpoint in output-dir"),
+    "client-state-dir": Key(str, "", "where clients keep snapshots of their state for resume "
+                            "('' = <output-dir>/client-state)"),
     # robustness of the aggregation (every strategy's train replies)
     "aggregation": Key(str, "mean", "how client updates are combined: example-weighted mean, coordinate-wise "
                        "median, or trimmed mean (the last two unweighted)", AGGREGATIONS),
