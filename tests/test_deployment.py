@@ -1,5 +1,5 @@
 """Multi-node deployment (issues 4 and 8): real SuperLink, SuperNode, SuperExec and nginx processes on loopback
-with TLS and SuperNode authentication, driven through `fedsparse.deploy.LocalDeployment`; and the docker compose
+with TLS and SuperNode authentication, driven through `fedsparse.local_deployment.LocalDeployment`; and the docker compose
 files, which are parsed (no Docker engine is needed) and checked for files, secrets and build contexts that do not
 exist. `test_podman_stack_completes_a_run` (slow) builds the image and runs the compose stack with podman.
 
@@ -29,14 +29,20 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from fedsparse import deploy, edge_proxy
-from fedsparse.deploy import FINISHED_OK, PUBLIC_CONNECTION, LocalDeployment, compare_bytes, summary_of
+from fedsparse import edge_proxy
+from fedsparse.certificates import NODE_CERT_NAME, DeploymentSecrets
+from fedsparse.config import flatten
+from fedsparse.deploy import compare_bytes
+from fedsparse.deploy_processes import niceness_of, spawn
+from fedsparse.flower_cli import FINISHED_OK, Connection, FlowerCli, write_run_config
+from fedsparse.local_deployment import CONNECTION, PUBLIC_CONNECTION, LocalDeployment, Priorities
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.insecure.yml", "docker-compose.gpu.yml"]
@@ -48,6 +54,7 @@ MIN_OVERHEAD = -0.02
 FAULT_ENV = {"FEDSPARSE_TEST_FAULT": "0:wrong-length"}  # partition 0 = supernode-1
 KILLED = 3  # the SuperNode killed and restarted in the faulty run
 NUM_ROUNDS_FAULTY = 8
+ROUND_TIMEOUT_FAULTY = 120.0  # seconds
 
 
 def _missing_tools() -> list[str]:
@@ -76,10 +83,10 @@ def edge(dep):
     return dep
 
 
-def _run(d: LocalDeployment, config: dict, timeout: float = 400, on_round=None, app_dir=None):
+def _run(d: LocalDeployment, config: dict, timeout: float = 900, on_round=None, app_dir=None):
     run_id = d.submit(config, app_dir=app_dir)
     status = d.wait(run_id, timeout=timeout, on_round=on_round)
-    summary = summary_of(d, run_id)
+    summary = d.summary(run_id)
     assert summary is not None, f"no summary.json; status {status}; logs in {d.logs}"
     return run_id, status, summary
 
@@ -136,14 +143,14 @@ def test_nodes_train_through_the_public_port_and_the_cli_uses_the_operator_port(
 
 @pytest.mark.deployment
 def test_flwr_run_through_the_public_port_is_refused(edge, tmp_path):
-    runs_before = edge.flwr("ls", "--format", "json")["runs"]
+    runs_before = edge.cli.runs(CONNECTION)
     config = tmp_path / "run.toml"
     config.write_text("num-rounds = 1\n")
-    out = edge.flwr("run", str(ROOT), PUBLIC_CONNECTION, "--run-config", str(config), "--format", "json")
+    out = edge.cli.json("run", str(ROOT), PUBLIC_CONNECTION, "--run-config", str(config), "--format", "json")
     assert out.get("success") is False, out
     assert "403" in out.get("error-message", ""), out
     assert (edge.public_port, "POST", "/v1/control/start-run", 403) in _access(edge)
-    assert len(edge.flwr("ls", "--format", "json")["runs"]) == len(runs_before)  # no run was created
+    assert len(edge.cli.runs(CONNECTION)) == len(runs_before)  # no run was created
 
 
 def _post(port: int, path: str, ca: Path) -> int:
@@ -152,7 +159,7 @@ def _post(port: int, path: str, ca: Path) -> int:
     request = urllib.request.Request(f"https://localhost:{port}{path}", data=b"", method="POST",
                                      headers={"Content-Type": "application/protobuf"})
     try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        with urllib.request.urlopen(request, context=context, timeout=60) as response:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -176,7 +183,7 @@ def test_unregistered_supernode_is_refused(dep):
     online_before = dep.node_states()
     rogue = dep.add_supernode(key_registered=False, max_wait_time=20)
     proc = rogue.procs[0]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # 20 s of retries after a start-up that a loaded machine makes slow
     while proc.alive() and time.monotonic() < deadline:
         time.sleep(0.5)
     try:
@@ -198,11 +205,11 @@ def test_register_script_registers_a_key(dep):
     control_port = dep.operator_port if dep.edge else dep.port
     cmd = ["bash", str(ROOT / "deploy" / "register-supernodes.sh"), "--superlink", f"127.0.0.1:{control_port}",
            "--ca", str(dep.certs / "ca.crt"), f"{key}.pub"]
-    first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=60)
+    first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=180)
     assert first.returncode == 0, first.stderr
     node_id = int(first.stdout.split()[-1])
     assert dep.node_states()[node_id] == "registered"
-    again = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=60)
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=180)
     assert again.returncode == 0 and "already-registered" in again.stdout, again.stderr
 
 
@@ -237,15 +244,17 @@ def faulty_run(dep, tmp_path_factory):
             dep.restart_supernode(KILLED)
             events["back_during_round"] = dep.rounds_done(run_id) + 1
 
-    # round-timeout bounds the wait for the dead node's reply: long enough for a live node on a busy machine.
+    # round-timeout bounds the wait for the dead node's reply: long enough for a live node on a busy machine (a
+    # ClientApp start is about 5 CPU seconds, and at load 17 on 2 cores a process gets an eighth of a core).
     # 8 rounds: the restarted node is back only once the SuperLink has marked it offline (about a minute after the
     # kill), reports its lost mask in the next round it is sampled, and trains in the one after. On an idle machine
     # rounds without a timeout take ~10 s, so it may be back only during round 4 or 5.
-    run_id = dep.submit({"strategy": "ssfl", "num-rounds": NUM_ROUNDS_FAULTY, "round-timeout": 60.0}, app_dir=app)
-    status = dep.wait(run_id, timeout=1200, on_round=on_round)
-    summary = summary_of(dep, run_id)
+    run_id = dep.submit({"strategy": "ssfl", "num-rounds": NUM_ROUNDS_FAULTY, "round-timeout": ROUND_TIMEOUT_FAULTY},
+                        app_dir=app)
+    status = dep.wait(run_id, timeout=2400, on_round=on_round)
+    summary = dep.summary(run_id)
     assert summary is not None, f"no summary.json; status {status}; logs in {dep.logs}"
-    rounds = deploy.round_rows(dep, run_id)
+    rounds = dep.round_rows(run_id)
     dep.log(f"faulty run: supernode-{KILLED} back during round {events.get('back_during_round')}; clients per "
             f"round {[int(r['clients']) for r in rounds]}; failures "
             f"{[(f.get('round'), f['node_id'], f['reason'][:60]) for f in summary['failures']]}")
@@ -286,6 +295,107 @@ def test_restarted_supernode_trains_again_in_a_later_round(faulty_run):
                if r["round"] >= max(back, 3) and r["clients"] == 2 and r["round"] not in failed_rounds]
     assert trained, (f"supernode-{KILLED} (node {faulty_run['killed']}) back during round {back}, never aggregated "
                      f"again: rounds {faulty_run['rounds']}, failures {faulty_run['summary']['failures']}")
+
+
+@pytest.mark.deployment
+def test_server_side_runs_at_a_higher_priority_than_the_clients(dep):
+    """The SuperLink and its SuperExec (which starts the ServerApps) must not be starved by the ClientApps."""
+    server = [niceness_of(p.pid) for p in dep.superlink]
+    clients = [niceness_of(n.procs[-1].pid) for n in dep.supernodes[:3]]  # the SuperExecs that start ClientApps
+    assert None not in server + clients, (server, clients)
+    assert max(server) < min(clients), (server, clients)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_run_config_file_keeps_dotted_keys_and_types(tmp_path):
+    config = {"strategy": "ssfl", "sparse.sparsity": 0.9, "num-rounds": 3, "resume": False,
+              "output-dir": str(tmp_path / 'a "quoted" dir')}
+    path = write_run_config(tmp_path / "run.toml", config)
+    with path.open("rb") as f:
+        parsed = tomllib.load(f)
+    assert parsed["sparse"] == {"sparsity": 0.9}  # a TOML dotted key: Flower flattens it back to sparse.sparsity
+    assert flatten(parsed) == config
+    assert [type(v) for v in flatten(parsed).values()] == [str, float, int, bool, str]
+
+
+def test_cli_config_names_every_connection_and_its_trust(tmp_path):
+    cli = FlowerCli("flwr", home=tmp_path / "cli", cwd=tmp_path)
+    path = cli.configure([Connection("op", "127.0.0.1:1", tmp_path / "ca.crt"),
+                          Connection("plain", "127.0.0.1:2", None)])
+    with path.open("rb") as f:
+        parsed = tomllib.load(f)["superlink"]
+    assert parsed["default"] == "op"
+    assert parsed["op"] == {"address": "127.0.0.1:1", "root-certificates": str(tmp_path / "ca.crt")}
+    assert parsed["plain"] == {"address": "127.0.0.1:2", "insecure": True}
+    with pytest.raises(ValueError):
+        cli.configure([])
+
+
+class _RecordingCli:
+    """Stands in for FlowerCli in `submit`: keeps the run-config file `flwr run` would get."""
+
+    def __init__(self) -> None:
+        self.sent: dict = {}
+
+    def run(self, app_dir: Path, connection: str, run_config_file: Path, timeout: float) -> int:
+        with run_config_file.open("rb") as f:
+            self.sent = flatten(tomllib.load(f))
+        assert connection == CONNECTION
+        return 7
+
+
+def test_submit_sends_only_overrides_under_namespaced_names(tmp_path):
+    if _missing_tools():
+        pytest.skip("needs the flower executables")
+    dep = LocalDeployment(nodes=2, workdir=tmp_path, log=None)  # not started: submit talks only to the CLI
+    dep.cli = _RecordingCli()
+    run_id = dep.submit({"sparsity": 0.8, "num-rounds": 2, "output-dir": "rel"})
+    sent = dep.cli.sent
+    assert run_id == 7 and dep.runs[7].output_dir == Path("rel").resolve()
+    assert sent["sparse.sparsity"] == 0.8 and "sparsity" not in sent  # the old name travels under the new one
+    assert sent["num-clients"] == sent["min-clients"] == 2 and sent["num-rounds"] == 2
+    assert sent["output-dir"] == str(Path("rel").resolve())
+    assert "lr" not in sent and "sparse.mask-scope" not in sent  # pyproject.toml supplies what is not overridden
+
+
+def test_secrets_are_made_once_and_an_added_node_gets_only_a_key(tmp_path):
+    if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("openssl and ssh-keygen make the secrets")
+    secrets = DeploymentSecrets.create(tmp_path / "certs", tmp_path / "keys", nodes=2)
+    certs = sorted(p.name for p in secrets.certs.glob("*.crt"))
+    assert certs == sorted(["ca.crt", f"{NODE_CERT_NAME}.crt", "superlink.crt"])  # one node certificate, whatever N
+    keys_before = {p.name: p.read_bytes() for p in secrets.keys.iterdir()}
+    assert sorted(keys_before) == ["supernode-1", "supernode-1.pub", "supernode-2", "supernode-2.pub"]
+    certs_before = {p.name: p.read_bytes() for p in secrets.certs.iterdir()}
+    key = secrets.node_key(3)
+    assert key == secrets.keys / "supernode-3" and DeploymentSecrets.public_key(key).exists()
+    assert {p.name: p.read_bytes() for p in secrets.certs.iterdir()} == certs_before
+    assert all((secrets.keys / name).read_bytes() == data for name, data in keys_before.items())
+    # Every SuperNode listens on 127.0.0.1: the one node certificate must be valid there, signed by the CA.
+    from cryptography import x509
+
+    node_cert = x509.load_pem_x509_certificate(secrets.node_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(secrets.ca_cert.read_bytes())
+    sans = node_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    node_cert.verify_directly_issued_by(ca)
+    with pytest.raises(ValueError):
+        secrets.node_key(0)
+
+
+def test_spawn_sets_a_niceness_relative_to_ours(tmp_path):
+    sleeper = spawn("sleeper", ["sleep", "60"], cwd=tmp_path, log_path=tmp_path / "sleeper.log",
+                    env=dict(os.environ), niceness=3)
+    try:
+        assert niceness_of(sleeper.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    finally:
+        sleeper.stop()
+    assert not sleeper.alive() and niceness_of(sleeper.pid) is None
+    priorities = Priorities.choose()
+    assert priorities.server < priorities.clients
 
 
 # ------------------------------------------------------------------------------------------ compose
