@@ -134,9 +134,10 @@ class TestSetEvaluator:
 
 def _registry() -> dict[str, Callable[[dict], Experiment]]:
     """The experiments, imported here because their modules import the classes above."""
+    from server.experiments.continual import ContinualExperiment
     from server.experiments.standard import StandardExperiment
 
-    return {"standard": StandardExperiment}
+    return {"standard": StandardExperiment, "continual": ContinualExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
