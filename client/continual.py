@@ -1,13 +1,16 @@
 """The client side of the continual experiment: its two one-off actions and the procedure of a train round.
 
 Handlers (registered in `client.handlers.HANDLERS`; `client.client_app` imports this module):
+- `train.continual`: a train round of the continual experiment (`TRAIN_MESSAGE`, sent by its FedAvg): the plain
+  train handler's update and reply, with the method's data, objective and callbacks (`continual_procedure`).
 - `query.cl_anchor`: keep the anchor (the previous task's final global model) and, for ewc, the aggregated
   Fisher in Context.state, tagged with the task they are for; reply that task.
 - `query.cl_fisher`: the diagonal Fisher (mean squared per-example gradient of log p(y|x),
   `fedsparse.continual.penalties.estimate_fisher`) of the received model on this client's data of the task, over
   at most `fisher-examples` examples; reply it as the ArrayRecord `fisher` with `num-examples`.
-`continual_procedure` is what the train handler calls in a continual run: it updates the client's replay buffer
-and returns the round's data, objective and callbacks (`fedsparse.continual.procedure.local_procedure`).
+`continual_procedure` updates the client's replay buffer and returns the round's data, objective and callbacks
+(`fedsparse.continual.procedure.local_procedure`). A train reply's `num-examples` is the client's count of the
+task's examples (replayed ones not included): at most `examples_bound`, what it reported at discovery.
 
 Everything a client keeps lives in Context.state records (`cl-anchor`, `cl-fisher`, `cl-info`, `cl-replay`,
 `cl-replay-info`), so it travels with the client-state snapshots that make a resumed run exact.
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.handlers import handler, model_and_layout
+from client.handlers import handler, local_update, model_and_layout
+from fedsparse import transport
 from fedsparse.continual.penalties import FisherEstimate, estimate_fisher
 from fedsparse.continual.procedure import (
     ContinualClientState,
@@ -31,9 +35,10 @@ from fedsparse.continual.procedure import (
     local_procedure,
 )
 from fedsparse.continual.replay import ReplayBuffer
-from fedsparse.tasks import client_data
+from fedsparse.tasks import client_data, stream_task_names
 from fedsparse.train import pick_device
 
+TRAIN_MESSAGE = "train.continual"
 ANCHOR, FISHER, INFO, REPLAY, REPLAY_INFO = "cl-anchor", "cl-fisher", "cl-info", "cl-replay", "cl-replay-info"
 
 
@@ -128,3 +133,27 @@ def continual_procedure(content: RecordDict, state: RecordDict, cfg: dict, parti
     round_in_task = int(config["server-round"]) - int(config["cl-first-round"]) + 1
     return local_procedure(settings, client_state, task, x, y, steps_per_round=steps_per_round,
                            round_in_task=round_in_task, replay_data=replay_data)
+
+
+def examples_bound(cfg: dict, partition_id: int) -> int:
+    """The client's training examples summed over every task of the stream: what it reports at discovery, so no
+    train reply of any task exceeds it."""
+    return sum(len(client_data(name, cfg, partition_id)[1]) for name in stream_task_names(cfg["cl.stream"], cfg))
+
+
+@handler(TRAIN_MESSAGE)
+def continual_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """A train round of the continual experiment: local training with the method's procedure on the message's
+    task; the reply is the plain train reply (the update as a payload, metrics, the echoed round)."""
+    x, y = client_data(str(content["config"]["task"]), cfg, partition_id)
+    procedure = continual_procedure(content, state, cfg, partition_id, x, y)
+    values, dense, fingerprint, metrics = local_update(content, state, cfg, partition_id,
+                                                       data=(procedure.x, procedure.y),
+                                                       objective=procedure.objective, callbacks=procedure.callbacks)
+    metrics["num-examples"] = len(y)
+    return RecordDict({
+        "arrays": transport.make_payload(values, dense, str(content["config"].get("value-dtype", "float32"))),
+        "metrics": metrics,
+        "config": ConfigRecord({"mask-fingerprint": fingerprint,
+                                "server-round": int(content["config"]["server-round"])}),
+    })

@@ -81,11 +81,13 @@ def task_of(content: RecordDict, cfg: dict) -> str:
 
 
 def client_data(cfg: dict, task: str, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """The examples this client trains on for `task` (the run's dataset: its partition of it, `local_data`).
-    Other tasks come from `fedsparse.tasks` once that module exists."""
-    if task != cfg["dataset"]:
-        raise ValueError(f"task {task!r}: this client only knows the run's dataset {cfg['dataset']!r}")
-    return local_data(cfg, partition_id, split)
+    """The examples this client trains on for `task` (the run's dataset: its partition of it, `local_data`; a
+    stream task such as "domains:usps": its partition of that task, `fedsparse.tasks.client_data`)."""
+    if task == cfg["dataset"]:
+        return local_data(cfg, partition_id, split)
+    from fedsparse.tasks import client_data as task_data
+
+    return task_data(task, cfg, partition_id, split)
 
 
 class MaskMissing(RuntimeError):
@@ -136,7 +138,13 @@ def _seed(cfg: dict, server_round: int, partition_id: int) -> int:
 
 @handler("query.info")
 def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
-    """Who am I: lets the server map its random node ids to partitions, so sampling is reproducible."""
+    """Who am I: lets the server map its random node ids to partitions, so sampling is reproducible. The example
+    count bounds every later reply's `num-examples` (a continual run: the client's examples over all its tasks)."""
+    if cfg["experiment"] == "continual":
+        from client.continual import examples_bound
+
+        return RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
+                                                    "num-examples": examples_bound(cfg, partition_id)})})
     x, _ = local_data(cfg, partition_id)
     return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(x)})})
 

@@ -53,6 +53,7 @@ from server.strategies.base import FedAvg
 
 log = logging.getLogger("fedsparse")
 
+TRAIN_MESSAGE = "train.continual"  # client.continual.TRAIN_MESSAGE
 ANCHOR_MESSAGE = "query.cl_anchor"
 FISHER_MESSAGE = "query.cl_fisher"
 MATRIX_CSV = "accuracy_matrix.csv"
@@ -116,12 +117,19 @@ def read_fisher_reply(content: RecordDict, keys: set[str], shapes: dict[str, tup
     return FisherEstimate(diagonal, count)
 
 
+class ContinualFedAvg(FedAvg):
+    """FedAvg whose train messages are `train.continual`: the client trains with the continual method's procedure
+    (`client.continual.continual_train`); aggregation, validation and byte accounting are FedAvg's."""
+
+    message_type = TRAIN_MESSAGE
+
+
 class ContinualExperiment:
     """The phases of a continual run and the server-side state of its method (see the module docstring).
 
     `model` is the architecture at its initial weights for the stream's input shape (the runner starts from it);
     `tasks` the stream's tasks in order; `strategy_factory(cfg, maskable)` makes each phase's fresh strategy
-    (default `server.strategies.base.FedAvg.from_config`)."""
+    (default `ContinualFedAvg.from_config`)."""
 
     config_namespaces: frozenset[str] = frozenset({"cl"})
 
@@ -134,7 +142,7 @@ class ContinualExperiment:
         self.model: torch.nn.Module = build_model(cfg["model"], self.tasks[0].input_shape, NUM_CLASSES,
                                                   seed=cfg["seed"])
         maskable = list(maskable_names(self.model, tuple(cfg["sparse.mask-layers"].split(","))))
-        factory = strategy_factory or FedAvg.from_config
+        factory = strategy_factory or ContinualFedAvg.from_config
         self.sfa: ServerSFA | None = None
         if cfg["cl.method"] == "sfa":
             self.sfa = ServerSFA(SFAConfig(beta=cfg["cl.sfa-beta"], p=cfg["cl.sfa-p"]))
