@@ -237,3 +237,142 @@ def test_client_handlers_keep_the_anchor_and_send_the_fisher():
     assert answer["metrics"]["num-examples"] == 30
     for key, value in expected.diagonal.items():
         torch.testing.assert_close(torch.from_numpy(answer["fisher"][key].numpy()), value, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ server hooks
+
+
+class HandlerGrid:
+    """Nodes {node id: partition id} answering with our client handlers in-process, each with its own state;
+    records every message type it handled."""
+
+    def __init__(self, cfg: dict, nodes: dict[int, int]) -> None:
+        self.cfg, self.nodes = cfg, dict(nodes)
+        self.states = {node: RecordDict() for node in nodes}
+        self.handled: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message
+
+        import client.continual  # noqa: F401  (registers the continual handlers, as client.client_app does)
+        from client.handlers import HANDLERS
+
+        answers = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.handled.append(message.metadata.message_type)
+            content = HANDLERS[message.metadata.message_type](message.content, self.states[node], self.cfg,
+                                                             self.nodes[node])
+            answers.append(Message(content, reply_to=message))
+        return answers
+
+
+def _experiment(**cl: object):
+    from server.experiments.continual import ContinualExperiment
+
+    overrides = {"experiment": "continual", "dataset": "digits", "model": "mlp", "num-clients": 3,
+                 "partitioner": "iid", "cl": {"stream": "split-digits", "train-size": 0, "test-size": 0,
+                                              **{key.replace("_", "-"): value for key, value in cl.items()}}}
+    return ContinualExperiment(resolve(overrides))
+
+
+def _context(experiment, phase_index: int, state: dict[str, torch.Tensor], grid=None):
+    from server.experiments import PhaseContext
+
+    return PhaseContext(grid=grid, cfg=experiment.cfg, model=experiment.model, arrays=ArrayRecord(state),
+                        nodes={0: 10, 1: 11, 2: 12}, phase_index=phase_index, out_dir=None,
+                        phase=experiment.phases[phase_index], timeout=60.0)
+
+
+def test_experiment_has_one_phase_per_task_and_evaluates_the_tasks_seen():
+    experiment = _experiment(method="finetune", rounds_per_task=2)
+    assert [phase.task for phase in experiment.phases] == stream_task_names("split-digits", experiment.cfg)
+    assert [phase.rounds for phase in experiment.phases] == [2] * 5
+    model = experiment.model
+    for index, phase in enumerate(experiment.phases):
+        metrics = {key: value for evaluator in phase.evaluators for key, value in evaluator(model).items()}
+        seen = experiment.phases[index].task, *(p.task for p in experiment.phases[:index])
+        assert list(metrics)[::2] == [f"acc/{name}" for name in seen]  # current task first
+        assert phase.client_config == {"cl-task-index": index, "cl-first-round": 1 + 2 * index}
+
+
+@pytest.mark.parametrize(("p", "expected"), [(1.0, {4}), (0.5, {2, 4}), (0.25, {1, 2, 3, 4})])
+def test_server_sfa_averages_by_the_formula_on_its_schedule_and_not_in_the_first_task(p, expected):
+    experiment = _experiment(method="sfa", rounds_per_task=4, sfa_p=p, sfa_beta=0.3)
+    start = {key: value.clone() for key, value in experiment.model.state_dict().items()}
+    experiment.on_start(_context(experiment, 0, start))
+    for server_round in range(1, 5):  # task 1: never averaged
+        moved = {key: value + server_round for key, value in start.items()}
+        out = experiment.after_round(_context(experiment, 0, moved), server_round, ArrayRecord(moved))
+        assert _same(out.to_torch_state_dict(), moved)
+    end_of_task_1 = {key: value + 7.0 for key, value in start.items()}
+    experiment.on_start(_context(experiment, 1, end_of_task_1))  # anchor = the previous task's final model
+    assert _same(experiment.sfa.anchor, end_of_task_1)
+    averaged_rounds = set()
+    for round_in_task in range(1, 5):
+        current = {key: value * 2.0 - round_in_task for key, value in start.items()}
+        out = experiment.after_round(_context(experiment, 1, current), 4 + round_in_task,
+                                     ArrayRecord(current)).to_torch_state_dict()
+        if _same(out, current):
+            continue
+        averaged_rounds.add(round_in_task)
+        for key, value in current.items():
+            torch.testing.assert_close(out[key], 0.7 * value + 0.3 * end_of_task_1[key], rtol=0, atol=1e-6)
+    assert averaged_rounds == expected
+
+
+def test_anchor_install_and_ewc_fisher_round_trip_through_the_clients(task_identity):
+    experiment = _experiment(method="ewc", rounds_per_task=1, fisher_examples=20)
+    grid = HandlerGrid(experiment.cfg, {10: 0, 11: 1, 12: 2})
+    first_end = snapshot(experiment.model)
+    experiment.on_end(_context(experiment, 0, first_end, grid))  # the clients' Fishers of task 1
+    assert grid.handled == ["query.cl_fisher"] * 3
+    task = experiment.phases[0].task
+    examples = [min(20, len(client_data(task, experiment.cfg, client)[1])) for client in range(3)]
+    assert experiment.fisher.num_examples == sum(examples)
+    by_hand = [estimate_fisher(_loaded(first_end), *client_data(task, experiment.cfg, client), max_examples=20)
+               for client in range(3)]
+    for key, value in experiment.fisher.diagonal.items():
+        weighted = sum(estimate.diagonal[key] * estimate.num_examples for estimate in by_hand) / sum(examples)
+        torch.testing.assert_close(value, weighted, rtol=1e-5, atol=1e-9)
+    experiment.on_start(_context(experiment, 1, first_end, grid))  # anchor + Fisher to every client
+    assert grid.handled[3:] == ["query.cl_anchor"] * 3
+    from client.continual import load_client_state
+
+    for state in grid.states.values():
+        kept = load_client_state(state)
+        assert kept.anchor_task == experiment.phases[1].task and _same(kept.anchor, first_end)
+        assert _same(kept.fisher.diagonal, experiment.fisher.diagonal)
+    saved = experiment.state_dict()
+    again = _experiment(method="ewc", rounds_per_task=1, fisher_examples=20)
+    again.load_state_dict(saved)
+    assert _same(again.fisher.diagonal, experiment.fisher.diagonal)
+
+
+def _loaded(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = _mlp()
+    model.load_state_dict(state)
+    return model
+
+
+def test_accuracy_matrix_and_summary_from_rows(tmp_path):
+    experiment = _experiment(method="finetune", rounds_per_task=2)
+    names = [phase.task for phase in experiment.phases]
+    rows = []
+    for index, phase in enumerate(experiment.phases):
+        for round_in_task in (1, 2):
+            row = {"phase": phase.name, "round": 2 * index + round_in_task}
+            row.update({f"acc/{name}": 0.1 * round_in_task + 0.01 * index + 0.001 * j
+                        for j, name in enumerate(names[:index + 1])})
+            rows.append(row)
+    extra = experiment.finish(tmp_path, rows)
+    matrix = np.array(extra["accuracy_matrix"], dtype=float)
+    assert matrix.shape == (5, 5)
+    np.testing.assert_allclose(np.diag(matrix), [0.2 + 0.011 * i for i in range(5)])  # each phase's last round
+    assert np.isnan(matrix[np.triu_indices(5, 1)]).all()
+    assert extra["average_accuracy"] == pytest.approx(np.mean(matrix[-1]))
+    assert (tmp_path / "accuracy_matrix.csv").exists() and (tmp_path / "accuracy_matrix.png").exists()
+    assert "average_accuracy" not in experiment.finish(tmp_path / "short", rows[:3])  # stopped early: no metrics

@@ -186,7 +186,7 @@ class ContinualExperiment:
         if self.method == "ewc":
             if self.fisher is None:
                 raise ContinualError(f"ewc: no Fisher was aggregated before task {task!r}")
-            content["fisher"] = ArrayRecord({key: value.numpy() for key, value in self.fisher.diagonal.items()})
+            content["fisher"] = ArrayRecord(dict(self.fisher.diagonal))
             content["config"]["fisher-examples"] = self.fisher.num_examples
         answers = self._ask(ctx, content, ANCHOR_MESSAGE)
         confirmed = 0
