@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 ROUND_COLUMNS = ["round", "test_loss", "test_accuracy", "train_loss", "bytes_down", "bytes_up",
                  "logical_down", "logical_up", "clients", "rejected", "seconds"]
+PHASE_COLUMN = "phase"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -18,24 +20,37 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def round_columns(rows: list[dict]) -> list[str]:
+    """The columns of rounds.csv: the core ones, then `phase`, then every evaluator metric ("acc/<task>", ...) in
+    the order the rows first name them."""
+    extra: list[str] = []
+    for row in rows:
+        extra += [k for k in row if "/" in k and k not in extra]
+    return [*ROUND_COLUMNS, PHASE_COLUMN, *extra]
+
+
 def write_rounds(path: Path, rows: list[dict]) -> None:
+    """Write rounds.csv (atomically): one line per round; a metric a round did not measure is left empty."""
+    columns = round_columns(rows)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROUND_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
-            w.writerow({k: row[k] for k in ROUND_COLUMNS})
+            w.writerow({k: row.get(k, "") for k in columns})
     tmp.replace(path)
 
 
-def read_rounds(path: Path, *, missing_ok: bool = False) -> list[dict[str, float]]:
-    """The rows of a rounds.csv, every column as a float: the one reader of that file.
+def read_rounds(path: Path, *, missing_ok: bool = False) -> list[dict[str, float | str]]:
+    """The rows of a rounds.csv: the one reader of that file. Every column is a float (an empty cell: NaN) except
+    `phase`, a string; a file written before phases existed has no `phase` column and reads the same otherwise.
 
     With `missing_ok`, a file that does not exist (yet: a run before its first round ends) reads as no rows.
     """
     try:
         with Path(path).open() as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: v if k == PHASE_COLUMN else float(v) if v != "" else math.nan for k, v in row.items()}
+                    for row in csv.DictReader(f)]
     except FileNotFoundError:
         if missing_ok:
             return []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class Checkpoint:
     failures: list[dict]
     oneoff: dict[str, int]
     strategy: dict[str, Any]
+    experiment: dict[str, Any] = field(default_factory=dict)  # the experiment's state_dict (absent before phases)
 
     @property
     def rounds_done(self) -> int:
@@ -64,7 +65,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
         if not isinstance(raw[name], kind):
             raise ResumeError(f"cannot resume: {path} is damaged: its '{name}' is a {type(raw[name]).__name__}, "
                               f"not a {kind.__name__}")
-    return Checkpoint(**{k: raw[k] for k in CHECKPOINT_KEYS})
+    experiment = raw.get("experiment", {})
+    if not isinstance(experiment, dict):
+        raise ResumeError(f"cannot resume: {path} is damaged: its 'experiment' is a {type(experiment).__name__}, "
+                          "not a dict")
+    return Checkpoint(**{k: raw[k] for k in CHECKPOINT_KEYS}, experiment=experiment)
 
 
 def read_saved_config(run_dir: Path) -> dict[str, Any]:

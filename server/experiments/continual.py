@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,21 +120,48 @@ def read_fisher_reply(content: RecordDict, keys: set[str], shapes: dict[str, tup
 
 class ContinualFedAvg(FedAvg):
     """FedAvg whose train messages are `train.continual`: the client trains with the continual method's procedure
-    (`client.continual.continual_train`); aggregation, validation and byte accounting are FedAvg's."""
+    (`client.continual.continual_train`); aggregation, validation and byte accounting are FedAvg's.
+
+    The runner hands a phase's strategy the phase's own round numbers (1 .. rounds); this one adds `round_offset`
+    (the rounds of the earlier tasks) before FedAvg sees them, so train messages carry the run's round: the
+    clients' state snapshots (`client.state`), keyed by that round, never see it go back at a new task, and client
+    sampling and seeds differ from task to task."""
 
     message_type = TRAIN_MESSAGE
+
+    def __init__(self, *, round_offset: int = 0, **kwargs: Any) -> None:
+        if round_offset < 0:
+            raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        super().__init__(**kwargs)
+        self.round_offset = round_offset
+
+    @classmethod
+    def from_config(cls, cfg: dict, maskable: list[str], round_offset: int = 0) -> ContinualFedAvg:
+        """The strategy of a resolved run config for a phase after `round_offset` rounds of earlier phases."""
+        return cls(maskable=maskable, round_offset=round_offset, **cls.config_arguments(cfg))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+                        ) -> Iterable[Message]:
+        """FedAvg's train messages of the run's round `round_offset + server_round`."""
+        return super().configure_train(self.round_offset + server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregate of the run's round `round_offset + server_round`."""
+        return super().aggregate_train(self.round_offset + server_round, replies)
 
 
 class ContinualExperiment:
     """The phases of a continual run and the server-side state of its method (see the module docstring).
 
     `model` is the architecture at its initial weights for the stream's input shape (the runner starts from it);
-    `tasks` the stream's tasks in order; `strategy_factory(cfg, maskable)` makes each phase's fresh strategy
+    `tasks` the stream's tasks in order; `strategy_factory(cfg, maskable, round_offset)` makes each phase's strategy
     (default `ContinualFedAvg.from_config`)."""
 
     config_namespaces: frozenset[str] = frozenset({"cl"})
 
-    def __init__(self, cfg: dict, *, strategy_factory: Callable[[dict, list[str]], FedAvg] | None = None) -> None:
+    def __init__(self, cfg: dict, *, strategy_factory: Callable[[dict, list[str], int], FedAvg] | None = None
+                 ) -> None:
         check_method(cfg["cl.method"])
         self.cfg = cfg
         self.tasks: list[Task] = stream_tasks(cfg["cl.stream"], cfg)
@@ -153,7 +181,7 @@ class ContinualExperiment:
             seen = [task, *self.tasks[:index]]  # the current task first: it is test_accuracy's evaluator
             self.phases.append(Phase(
                 name=f"task-{index + 1}:{task.name.partition(':')[2]}", task=task.name,
-                rounds=cfg["cl.rounds-per-task"], strategy=factory(cfg, maskable),
+                rounds=cfg["cl.rounds-per-task"], strategy=factory(cfg, maskable, first_round - 1),
                 evaluators=[TaskEvaluator(seen_task, device) for seen_task in seen],
                 client_config={"cl-task-index": index, "cl-first-round": first_round},
                 on_start=self.on_start, after_round=self.after_round, on_end=self.on_end))
@@ -200,12 +228,13 @@ class ContinualExperiment:
                 log.warning("node %s did not install the anchor of %s: %s", node_id, task, err)
         log.info("anchor of %s installed on %d of %d clients", task, confirmed, len(ctx.nodes))
 
-    def after_round(self, ctx: PhaseContext, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """Server-side SFA: the aggregated global model, averaged with the anchor when the schedule says so."""
+    def after_round(self, ctx: PhaseContext, phase_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Server-side SFA after round `phase_round` (1-based within the task): the aggregated global model,
+        averaged with the anchor when the schedule says so."""
         if self.sfa is None:
             return arrays
         current = state_of(arrays)
-        averaged = self.sfa.after_round(self.round_in_task(ctx.phase_index, server_round), current)
+        averaged = self.sfa.after_round(phase_round, current)
         return arrays if averaged is current else ArrayRecord(averaged)
 
     def on_end(self, ctx: PhaseContext) -> None:
@@ -243,16 +272,6 @@ class ContinualExperiment:
                 continue
             answers[node_id] = reply.content
         return answers
-
-    def round_in_task(self, phase_index: int, server_round: int) -> int:
-        """The 1-based round within phase `phase_index` of the run's `server_round` (rounds count on across
-        phases)."""
-        first = 1 + sum(phase.rounds for phase in self.phases[:phase_index])
-        position = server_round - first + 1
-        if not 1 <= position <= self.phases[phase_index].rounds:
-            raise ValueError(f"server round {server_round} is not in phase {phase_index} (rounds {first}.."
-                             f"{first + self.phases[phase_index].rounds - 1})")
-        return position
 
     # ------------------------------------------------------------------------------------------- state
 

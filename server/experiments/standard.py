@@ -26,6 +26,7 @@ class StandardExperiment:
         self.model: torch.nn.Module = build_model(cfg["model"], data.input_shape, data.num_classes, seed=cfg["seed"])
         patterns = tuple(cfg["sparse.mask-layers"].split(","))
         strategy = STRATEGIES[cfg["strategy"]].from_config(cfg, maskable_names(self.model, patterns))
+        strategy.max_examples = len(data.y_train[: cfg["train-subset"] or None])  # no client holds more
         evaluator = TestSetEvaluator(cfg["dataset"], data.x_test, data.y_test, pick_device(cfg["device"]))
         self.phases: list[Phase] = [Phase(name="train", task=cfg["dataset"], rounds=cfg["num-rounds"],
                                           strategy=strategy, evaluators=[evaluator])]
