@@ -188,8 +188,9 @@ def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) 
 
 @handler("evaluate")
 def evaluate_local(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """Loss and accuracy of the received model on this client's held-out share of the message's task."""
     net, *_ = _load(content, state, cfg)
-    x, y = local_data(cfg, partition_id, "val")
+    x, y = client_data(cfg, task_of(content, cfg), partition_id, "val")
     loss, acc = evaluate(net, x, y, device=pick_device(cfg["device"]))
     return RecordDict({"metrics": MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": acc})})
 
