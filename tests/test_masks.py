@@ -5,13 +5,11 @@ names the bug it would catch."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedsparse import sparse, transport
 from fedsparse.replies import NodeInfo
-from server.strategies.base import Channel
-from tests.conftest import reply_to
-from tests.test_strategies import FakeGrid, make_strategy, saliency_reply
+from tests.test_strategies import FakeGrid, bound, make_strategy, saliency_reply
 
 
 def brute_force_topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -86,49 +84,43 @@ def test_layerwise_keeps_each_tensors_own_share_and_differs_from_global_by_hand(
 
 @pytest.mark.parametrize("strategy_name", ["random", "magnitude"])
 def test_layerwise_strategies_give_every_tensor_exactly_its_share(task_identity, strategy_name):
-    strategy, state = make_strategy(strategy_name, sparsity=0.9, **{"mask-scope": "layerwise", "warmup-rounds": 0})
-    masks = strategy.make_mask(Channel(FakeGrid(), 1.0), {}, state)
+    warmup = {"warmup-rounds": 0} if strategy_name == "magnitude" else {}
+    strategy, state = bound(strategy_name, sparsity=0.9, **{"mask-scope": "layerwise", **warmup})
+    masks = strategy.make_mask(FakeGrid(()), {}, state)
     for k in strategy.layout.maskable:
         n = int(np.prod(strategy.layout.shapes[k]))
         assert int(masks[k].sum()) == round(0.1 * n), k
         if strategy_name == "magnitude":  # each tensor's own largest |w|
             assert np.array_equal(masks[k].reshape(-1).numpy(),
                                   brute_force_topk(state[k].reshape(-1).abs().numpy(), round(0.1 * n)))
-    glob, _ = make_strategy(strategy_name, sparsity=0.9, **{"warmup-rounds": 0})
-    global_masks = glob.make_mask(Channel(FakeGrid(), 1.0), {}, state)
+    glob, _ = bound(strategy_name, sparsity=0.9, **warmup)
+    global_masks = glob.make_mask(FakeGrid(()), {}, state)
     assert any(not torch.equal(global_masks[k], masks[k]) for k in masks)  # the option changes the mask
 
 
 # ---- the magnitude strategy: dense warm-up, then one fixed mask from the server's model
 
-def install_replies_grid(sent: list):
-    """A grid whose nodes store every mask they are sent and echo its fingerprint."""
-    class InstallGrid(FakeGrid):
-        def send_and_receive(self, messages, timeout=None):
-            sent.extend(messages)
-            return [reply_to(RecordDict({"config": ConfigRecord({"fingerprint": m.content["config"]["fingerprint"]}),
-                                         "metrics": MetricRecord({"partition-id": m.metadata.dst_node_id})}),
-                             m.metadata.dst_node_id, "query.install_mask") for m in messages]
-    return InstallGrid()
+def sent_model(message, strategy, masks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return transport.read_payload(message.content["arrays"], strategy.layout, masks, dtype)
 
 
 def test_magnitude_strategy_trains_dense_during_warmup_then_fixes_the_mask_of_that_rounds_model(task_identity):
-    strategy, initial = make_strategy("magnitude", sparsity=0.8, **{"warmup-rounds": 2, "value-dtype": "float16"})
-    sent = []
-    channel = Channel(install_replies_grid(sent), 1.0)
-    nodes = {1: 1, 2: 2}
+    strategy, initial = bound("magnitude", sparsity=0.8, **{"warmup-rounds": 2, "value-dtype": "float16",
+                                                             "num-clients": 2, "min-clients": 1})
+    grid = FakeGrid((0, 1))  # nodes 0 and 1 hold partitions 0 and 1, and echo the mask they are sent
     for server_round in (1, 2):  # warm-up: no mask, the whole model as float32, nothing installed
-        assert strategy.setup(channel, nodes, initial, server_round) is initial
+        messages = list(strategy.configure_train(server_round, ArrayRecord(initial), ConfigRecord(), grid))
         assert strategy.masks is None and strategy.value_dtype == "float32"
-        (message,) = strategy.configure_train(server_round, initial, [1])
-        values, dense = transport.read_payload(message.content["arrays"], strategy.layout, None, "float32")
+        values, dense = sent_model(messages[0], strategy, None, "float32")
         assert values.numel() == 0 and dense.numel() == strategy.layout.num_maskable + strategy.layout.num_dense
-        assert message.content["config"]["mask-fingerprint"] == sparse.NO_MASK
-    assert sent == []
+        assert messages[0].content["config"]["mask-fingerprint"] == sparse.NO_MASK
+        assert torch.equal(dense, sparse.flatten(initial, strategy.layout.maskable + strategy.layout.dense))
+    assert [m.metadata.message_type for m in grid.sent] == ["query.info"] * 2
     # the model after warm-up differs from the initial one: the mask must come from it
     gen = torch.Generator().manual_seed(5)
     trained = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}
-    masked_global = strategy.setup(channel, nodes, trained, 3)
+    messages = list(strategy.configure_train(3, ArrayRecord(trained), ConfigRecord(), grid))
+    masked_global = strategy.plans[3].global_state
     expected = sparse.magnitude_mask(trained, strategy.layout.maskable, 0.2)
     assert all(torch.equal(strategy.masks[k], expected[k]) for k in expected)
     assert any(not torch.equal(expected[k], sparse.magnitude_mask(initial, strategy.layout.maskable, 0.2)[k])
@@ -137,17 +129,16 @@ def test_magnitude_strategy_trains_dense_during_warmup_then_fixes_the_mask_of_th
         assert torch.equal(masked_global[k], torch.where(expected[k], trained[k], torch.zeros(())))
     for k in strategy.layout.dense:
         assert torch.equal(masked_global[k], trained[k])
-    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2] and strategy.holders == {1, 2}
-    (message,) = strategy.configure_train(3, masked_global, [1])
-    assert message.content["config"]["mask-fingerprint"] == strategy.fingerprint != sparse.NO_MASK
-    assert message.content["config"]["value-dtype"] == "float16"
-    assert transport.read_payload(message.content["arrays"], strategy.layout, expected, "float16")[0].numel() == \
-        round(0.2 * strategy.layout.num_maskable)
+    installs = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query.install_mask"]
+    assert sorted(installs) == [0, 1] and strategy.holders == {0, 1}
+    assert messages[0].content["config"]["mask-fingerprint"] == strategy.fingerprint != sparse.NO_MASK
+    assert messages[0].content["config"]["value-dtype"] == "float16"
+    assert sent_model(messages[0], strategy, expected, "float16")[0].numel() == round(0.2 * strategy.layout.num_maskable)
     # later rounds: a very different model, the same mask, nothing re-sent
-    fingerprint, n_sent = strategy.fingerprint, len(sent)
+    fingerprint, n_sent = strategy.fingerprint, len(grid.sent)
     flipped = {k: -10.0 * torch.rand(v.shape, generator=gen) for k, v in trained.items()}
-    strategy.setup(channel, nodes, flipped, 4)
-    assert strategy.fingerprint == fingerprint and len(sent) == n_sent
+    strategy.configure_train(4, ArrayRecord(flipped), ConfigRecord(), grid)
+    assert strategy.fingerprint == fingerprint and len(grid.sent) == n_sent
     assert all(torch.equal(strategy.masks[k], expected[k]) for k in expected)
 
 
@@ -155,8 +146,8 @@ def test_magnitude_strategy_trains_dense_during_warmup_then_fixes_the_mask_of_th
 
 def ssfl_mask(aggregation: str, replies, monkeypatch):
     """SSFL's mask from these saliency replies, and the per-tensor scores it ranked (captured from topk_mask)."""
-    strategy, state = make_strategy("ssfl", sparsity=0.9, **{"saliency-aggregation": aggregation})
-    strategy.known = {node: NodeInfo(node - 1, 100) for node in (1, 2, 3)}
+    strategy, state = bound("ssfl", sparsity=0.9, **{"saliency-aggregation": aggregation})
+    strategy.roster.known = {node: NodeInfo(node - 1, 100) for node in (1, 2, 3)}
     ranked = {}
     real_topk = sparse.topk_mask
 
@@ -165,15 +156,14 @@ def ssfl_mask(aggregation: str, replies, monkeypatch):
         return real_topk(scores, density, scope)
 
     monkeypatch.setattr(sparse, "topk_mask", recording_topk)
-    channel = Channel(FakeGrid(replies), 1.0)
-    masks = strategy.make_mask(channel, {0: 1, 1: 2, 2: 3}, state)
-    assert channel.failures == []
+    masks = strategy.make_mask(FakeGrid(answer=lambda _: replies), {0: 1, 1: 2, 2: 3}, state)
+    assert strategy.failures.records == []
     names = strategy.layout.maskable
     return flat_mask(masks, names), torch.cat([ranked[k].reshape(-1) for k in names]).numpy()
 
 
 def test_weighted_and_mean_saliency_aggregation_by_hand(task_identity, monkeypatch):
-    strategy, _ = make_strategy("ssfl")
+    strategy, _ = bound("ssfl")
     n = strategy.layout.num_maskable
     rng = np.random.default_rng(0)
     noise = (rng.random((3, n)) * 0.01).astype(np.float32)  # no ties
@@ -202,10 +192,12 @@ def test_weighted_and_mean_saliency_aggregation_by_hand(task_identity, monkeypat
 
 @pytest.mark.parametrize("strategy_name", ["fedavg", "random"])
 def test_the_lr_sent_in_round_r_is_lr_times_decay_to_the_r_minus_1(task_identity, strategy_name):
-    strategy, state = make_strategy(strategy_name, lr=0.1, **{"lr-decay": 0.5})
+    strategy, state = make_strategy(strategy_name, nodes=(1, 2), lr=0.1, **{"lr-decay": 0.5})
+    grid = FakeGrid((1, 2))
     for server_round, expected in [(1, 0.1), (2, 0.05), (3, 0.025), (7, 0.1 / 64)]:
-        messages = strategy.configure_train(server_round, state, [1, 2])
+        messages = strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid)
         assert [m.content["config"]["lr"] for m in messages] == [pytest.approx(expected, rel=1e-12)] * 2
         assert all(m.content["config"]["server-round"] == server_round for m in messages)
-    undecayed, _ = make_strategy(strategy_name, lr=0.1)
-    assert undecayed.configure_train(9, state, [1])[0].content["config"]["lr"] == 0.1
+    undecayed, _ = make_strategy(strategy_name, nodes=(1,), lr=0.1)
+    (message,) = undecayed.configure_train(9, ArrayRecord(state), ConfigRecord(), FakeGrid((1,)))
+    assert message.content["config"]["lr"] == 0.1
