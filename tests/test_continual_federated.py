@@ -7,6 +7,8 @@ Fisher by hand, the replay buffer's invariants, the metrics) are in tests/test_c
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -314,7 +316,7 @@ def test_server_sfa_averages_by_the_formula_on_its_schedule_and_not_in_the_first
     averaged_rounds = set()
     for round_in_task in range(1, 5):
         current = {key: value * 2.0 - round_in_task for key, value in start.items()}
-        out = experiment.after_round(_context(experiment, 1, current), 4 + round_in_task,
+        out = experiment.after_round(_context(experiment, 1, current), round_in_task,
                                      ArrayRecord(current)).to_torch_state_dict()
         if _same(out, current):
             continue
@@ -376,3 +378,126 @@ def test_accuracy_matrix_and_summary_from_rows(tmp_path):
     assert extra["average_accuracy"] == pytest.approx(np.mean(matrix[-1]))
     assert (tmp_path / "accuracy_matrix.csv").exists() and (tmp_path / "accuracy_matrix.png").exists()
     assert "average_accuracy" not in experiment.finish(tmp_path / "short", rows[:3])  # stopped early: no metrics
+
+
+# ------------------------------------------------------------------------------ whole runs through the runner
+
+
+class Stop(Exception):
+    """Raised by AppGrid to kill a run after its clients answered a given round."""
+
+
+class AppGrid:
+    """In-process nodes running the real ClientApp (`client.client_app.build_app`: handlers, client-state
+    snapshots on disk), each with its own Context; `stop_after` kills the run once the clients answered the train
+    messages of that run round (the server never aggregates it)."""
+
+    def __init__(self, cfg: dict, num_nodes: int, stop_after: int | None = None) -> None:
+        from flwr.app import Context
+
+        from client.client_app import build_app
+
+        self.app = build_app()
+        self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=cfg,
+                                          node_config={"partition-id": p, "num-partitions": num_nodes})
+                         for p in range(num_nodes)}
+        self.stop_after = stop_after
+        self.handled: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
+        answers = []
+        for message in messages:
+            self.handled.append(message.metadata.message_type)
+            try:
+                answers.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # noqa: BLE001  (as Flower: a client exception is an error reply)
+                answers.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+        rounds = {int(m.content["config"]["server-round"]) for m in messages
+                  if m.metadata.message_type.startswith("train")}
+        if self.stop_after is not None and self.stop_after in rounds:
+            raise Stop(f"killed after the clients answered round {self.stop_after}")
+        return answers
+
+
+RUN = {"experiment": "continual", "dataset": "digits", "model": "mlp", "num-clients": 3, "partitioner": "iid",
+       "local-epochs": 1, "batch-size": 16, "lr": 0.05, "momentum": 0.5, "seed": 3}
+
+
+def _run_config(out, method: str, rounds: int, **cl: object) -> dict:
+    # num-rounds = the two tasks' rounds: fedsparse.resume compares it with the rounds a checkpoint holds
+    return resolve({**RUN, "output-dir": str(out), "num-rounds": 2 * rounds, "cl": {"stream": "split-digits", "method": method,
+                                                          "rounds-per-task": rounds, "train-size": 0, "test-size": 0,
+                                                          "replay-size": 30, "fisher-examples": 20, **cl}})
+
+
+def _two_tasks(experiment_cls):
+    """The continual experiment cut to the stream's first two tasks (a short run that still has a task 2)."""
+    def build(cfg: dict):
+        experiment = experiment_cls(cfg)
+        experiment.tasks, experiment.phases = experiment.tasks[:2], experiment.phases[:2]
+        return experiment
+
+    build.config_namespaces = experiment_cls.config_namespaces
+    return build
+
+
+@pytest.fixture
+def two_task_stream(monkeypatch):
+    from server.experiments import EXPERIMENTS
+    from server.experiments.continual import ContinualExperiment
+
+    monkeypatch.setitem(EXPERIMENTS, "continual", _two_tasks(ContinualExperiment))
+
+
+@pytest.mark.parametrize("seed", [3, pytest.param(4, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow)])
+def test_a_two_task_federated_run_gives_the_accuracy_matrix(tmp_path, task_identity, two_task_stream, seed):
+    from fedsparse.results import read_rounds
+    from server.loop import run_federation
+
+    cfg = _run_config(tmp_path / "run", "finetune", 2) | {"seed": seed, "local-epochs": 3}
+    grid = AppGrid(cfg, 3)
+    summary = run_federation(grid, cfg)
+    rows = read_rounds(tmp_path / "run" / "rounds.csv")
+    names = stream_task_names("split-digits", cfg)[:2]
+    assert [row["phase"] for row in rows] == ["task-1:0-1"] * 2 + ["task-2:2-3"] * 2
+    matrix = np.array(summary["accuracy_matrix"], dtype=float)
+    assert matrix.shape == (2, 2) and np.isnan(matrix[0, 1])
+    assert matrix[0, 0] == pytest.approx(rows[1][f"acc/{names[0]}"])
+    assert matrix[1, 1] == pytest.approx(rows[3][f"acc/{names[1]}"])
+    assert matrix[1, 0] == pytest.approx(rows[3][f"acc/{names[0]}"])
+    assert matrix[0, 0] > 0.9 and matrix[1, 1] > 0.9  # two easy 2-class tasks, learnt
+    assert matrix[1, 0] < 0.5  # and the first forgotten: fine-tuning on labels 2, 3 only predicts those
+    assert summary["average_accuracy"] == pytest.approx(matrix[1].mean())
+    assert (tmp_path / "run" / "accuracy_matrix.csv").exists() and (tmp_path / "run" / "accuracy_matrix.png").exists()
+    assert grid.handled.count("train.continual") == 12 and grid.handled.count("query.info") >= 3
+
+
+@pytest.mark.parametrize("method", ["replay", pytest.param("ewc", marks=pytest.mark.slow),
+                                    pytest.param("sfa-client", marks=pytest.mark.slow)])
+def test_a_continual_run_killed_mid_task_and_resumed_ends_bit_identical(tmp_path, task_identity, two_task_stream,
+                                                                      method):
+    """Two tasks of 3 rounds. Uninterrupted, vs killed after the clients answered round 5 (task 2, round 2) and
+    resumed with fresh nodes: the server re-runs round 5 from its round-4 checkpoint, the clients rewind their
+    state (replay buffer, anchor, Fisher) from their disk snapshots."""
+    from server.loop import run_federation
+
+    whole_cfg = _run_config(tmp_path / "whole", method, 3)
+    run_federation(AppGrid(whole_cfg, 3), whole_cfg)
+    part_cfg = _run_config(tmp_path / "part", method, 3)
+    with pytest.raises(Stop):
+        run_federation(AppGrid(part_cfg, 3, stop_after=5), part_cfg)
+    shutil.copytree(tmp_path / "part", tmp_path / "forgetful")
+    resumed_cfg = _run_config(tmp_path / "part", method, 3) | {"resume": True}
+    run_federation(AppGrid(resumed_cfg, 3), resumed_cfg)
+    whole = torch.load(tmp_path / "whole" / "final_model.pt")
+    assert _same(whole, torch.load(tmp_path / "part" / "final_model.pt"))
+    if method == "replay":  # the same resume with the clients' snapshots gone: their buffers are lost
+        shutil.rmtree(tmp_path / "forgetful" / "client-state")
+        forgetful_cfg = _run_config(tmp_path / "forgetful", method, 3) | {"resume": True}
+        run_federation(AppGrid(forgetful_cfg, 3), forgetful_cfg)
+        assert not _same(whole, torch.load(tmp_path / "forgetful" / "final_model.pt"))
