@@ -12,24 +12,25 @@ from client import handlers as client
 from fedsparse import codec, sparse, topk, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
-from fedsparse.replies import NodeInfo
 from fedsparse.results import read_rounds
 from server.strategies import STRATEGIES
-from server.strategies.base import Channel
 from tests.conftest import LEARNING, fedsparse_run, reply_to, summary
+from tests.test_strategies import FakeGrid, aggregate
 
 DENSITY = 0.1
 
 
-def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16"):
+def topk_config(dtype: str = "float16") -> dict:
+    return resolve({"strategy": "topk", "dataset": "digits", "topk-density": DENSITY, "value-dtype": dtype,
+                    "num-clients": 4, "min-clients": 1})
+
+
+def make_topk(net: torch.nn.Module | None = None, dtype: str = "float16", nodes=(1, 2, 3)):
+    """A top-k strategy whose round 1 was configured for `nodes` (node n holds partition n, 100 examples)."""
     net = net if net is not None else build_model("cnn", (1, 16, 16), 10, seed=0)
-    cfg = resolve({"strategy": "topk", "dataset": "digits", "topk-density": DENSITY, "value-dtype": dtype})
-    layout = sparse.Layout.of(net.state_dict(), maskable_names(net))
-    strategy = STRATEGIES["topk"](cfg, layout)
+    strategy = STRATEGIES["topk"].from_config(topk_config(dtype), maskable_names(net))
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    strategy.global_state = state
-    strategy.server_round = 1  # the replies below answer round 1
-    strategy.known = {node: NodeInfo(node, 1000) for node in (1, 2, 3)}  # discovery: partition = node id
+    strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid(nodes))
     return strategy, state
 
 
@@ -54,8 +55,9 @@ def global_flat(strategy, state) -> torch.Tensor:
 
 
 def test_configure_train_sends_the_dense_model_to_the_topk_handler(task_identity):
-    strategy, state = make_topk()
-    [msg] = strategy.configure_train(1, state, [7])
+    strategy, _ = make_topk(nodes=(2,))
+    [msg] = strategy.plans[1].messages
+    assert msg.metadata.dst_node_id == 2
     assert msg.metadata.message_type == "train.topk" and "train.topk" in client.HANDLERS
     arrays = msg.content["arrays"]
     assert arrays["values"].shape == (0,) and arrays["dense"].shape == (strategy.numel,)
@@ -68,9 +70,8 @@ def test_aggregation_is_the_weighted_mean_of_the_decoded_updates(task_identity):
     strategy, state = make_topk()
     parts = [(1, 10, *random_update(strategy, 1)), (2, 30, *random_update(strategy, 2)),
              (3, 60, *random_update(strategy, 3))]
-    channel = Channel(None, 1.0)
-    new, metrics = strategy.aggregate_train(1, [topk_reply(node, n, buf) for node, n, buf, _ in parts], channel)
-    assert metrics["accepted"] == 3 and channel.failures == []
+    new, metrics = aggregate(strategy, [topk_reply(node, n, buf) for node, n, buf, _ in parts])
+    assert metrics["accepted"] == 3 and strategy.failures.records == []
     mean = sum(n * dense.astype(np.float64) for _, n, _, dense in parts) / 100
     expected = global_flat(strategy, state) + torch.from_numpy(mean).float()
     torch.testing.assert_close(global_flat(strategy, new), expected, rtol=1e-5, atol=1e-6)
@@ -81,7 +82,7 @@ def test_aggregation_is_the_weighted_mean_of_the_decoded_updates(task_identity):
         idx = np.flatnonzero(dense)
         assert idx.size == kept
         logical += 2 * kept + math.ceil(codec.rice_index_bits(idx, strategy.numel) / 8)
-    assert channel.traffic.logical_up == logical
+    assert metrics["logical_up"] == logical and metrics["logical_down"] == 3 * 2 * strategy.numel
 
 
 def corrupt(buf: bytes, fault: str, strategy) -> ArrayRecord:
@@ -119,31 +120,33 @@ FAULTS = ["garbled", "truncated", "huge-declared-size", "wrong-shape", "wrong-va
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_bad_reply_is_rejected_logged_and_the_round_goes_on(task_identity, fault, caplog):
-    strategy, state = make_topk()
+    strategy, state = make_topk(nodes=(1, 2))
     good_buf, good_dense = random_update(strategy, 1)
     bad_buf, _ = random_update(strategy, 2)
     bad = topk_reply(2, 10, bad_buf)
     bad.content["arrays"] = corrupt(bad_buf, fault, strategy)
-    channel = Channel(None, 1.0)
-    new, metrics = strategy.aggregate_train(1, [topk_reply(1, 10, good_buf), bad], channel)
+    new, metrics = aggregate(strategy, [topk_reply(1, 10, good_buf), bad])
     assert metrics["accepted"] == 1
-    assert len(channel.failures) == 1 and channel.failures[0]["node_id"] == 2
-    assert "rejected reply" in channel.failures[0]["reason"]
+    failures = strategy.failures.records
+    assert len(failures) == 1 and failures[0]["node_id"] == 2
+    assert "rejected reply" in failures[0]["reason"]
     assert "node 2" in caplog.text
     expected = global_flat(strategy, state) + torch.from_numpy(good_dense)  # the good client alone
     torch.testing.assert_close(global_flat(strategy, new), expected)
-    assert channel.traffic.logical_up == 2 * round(DENSITY * strategy.numel) + math.ceil(
+    assert metrics["logical_up"] == 2 * round(DENSITY * strategy.numel) + math.ceil(
         codec.rice_index_bits(np.flatnonzero(good_dense), strategy.numel) / 8)
 
 
 def test_a_stale_fingerprint_or_bad_example_count_is_rejected(task_identity):
-    strategy, _ = make_topk()
+    strategy, _ = make_topk(nodes=(1, 2))
     buf, _ = random_update(strategy, 1)
     masked = topk_reply(1, 10, buf)
     masked.content["config"] = ConfigRecord({"mask-fingerprint": "deadbeefdeadbeef"})
     zero = topk_reply(2, 0, buf)
-    new, metrics = strategy.aggregate_train(1, [masked, zero], Channel(None, 1.0))
+    new, metrics = aggregate(strategy, [masked, zero])
     assert new is None and metrics["accepted"] == 0
+    text = " ".join(f["reason"] for f in strategy.failures.records)
+    assert "fingerprint 'deadbeefdeadbeef'" in text and "'num-examples' is 0" in text
 
 
 @pytest.mark.parametrize("density,dtype", [(0.1, "bfloat16"), (0.95, "float16"), (1.0, "float32")])
@@ -167,7 +170,7 @@ class Tiny(torch.nn.Module):
 def test_the_handler_sends_later_what_it_did_not_send_now(task_identity, monkeypatch):
     """Error feedback through the real handler: sum of what the server decodes + residual = sum of updates."""
     net = Tiny()
-    strategy, state = make_topk(net)
+    strategy, state = make_topk(net, nodes=(1,))
     raw: list[torch.Tensor] = []
     gen = torch.Generator().manual_seed(0)
 
@@ -182,10 +185,10 @@ def test_the_handler_sends_later_what_it_did_not_send_now(task_identity, monkeyp
     monkeypatch.setattr(client, "model_and_layout", lambda cfg: (net, strategy.layout))
     monkeypatch.setattr(client, "local_data", lambda cfg, pid, split="train": (np.zeros((7, 6)), np.zeros(7)))
     monkeypatch.setattr(client, "train_local", fake_train)
-    cfg, node_state = strategy.cfg, RecordDict()
+    cfg, node_state = topk_config(), RecordDict()
     sent = torch.zeros(strategy.numel, dtype=torch.float64)
     for server_round in range(1, 7):
-        [msg] = strategy.configure_train(server_round, state, [1])
+        [msg] = strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), FakeGrid((1,)))
         reply = client.HANDLERS["train.topk"](msg.content, node_state, cfg, 3)
         update, _ = strategy.decode_update(reply["arrays"])
         assert int(torch.count_nonzero(update)) <= round(DENSITY * strategy.numel)
@@ -215,12 +218,12 @@ def test_topk_simulation_learns_with_half_of_fedlabs_uplink(tmp_path):
 
 
 def test_a_reply_is_bound_to_the_round_configure_train_prepared(task_identity):
-    strategy, state = make_topk()
-    strategy.configure_train(3, state, [1, 2])
+    strategy, state = make_topk(nodes=(1, 2))
+    strategy.configure_train(3, ArrayRecord(state), ConfigRecord(), FakeGrid((1, 2)))
     buf, _ = random_update(strategy, 1)
     current, stale = topk_reply(1, 10, buf), topk_reply(2, 10, buf)
     current.content["config"]["server-round"] = 3  # topk_reply answers round 1: an earlier round's reply
-    channel = Channel(None, 1.0)
-    _, metrics = strategy.aggregate_train(3, [current, stale], channel)
-    assert metrics["accepted"] == 1 and channel.failures[0]["node_id"] == 2
-    assert "server-round 1, this is round 3" in channel.failures[0]["reason"]
+    _, metrics = aggregate(strategy, [current, stale], server_round=3)
+    assert metrics["accepted"] == 1 and strategy.failures.records[0]["node_id"] == 2
+    assert "stale reply" in strategy.failures.records[0]["reason"] and 1 in strategy.plans  # round 1 still open
+    assert "server-round 1, this is round 3" in strategy.failures.records[0]["reason"]

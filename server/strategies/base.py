@@ -122,8 +122,9 @@ class FedAvg(FlowerFedAvg):
         if max_update_norm_ratio < 0 or not 0.0 <= trim_fraction < 0.5:
             raise ValueError(f"max_update_norm_ratio must be >= 0 and trim_fraction in [0, 0.5), got "
                              f"{max_update_norm_ratio}, {trim_fraction}")
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
-                         min_available_nodes=min_available_nodes)
+        super().__init__(fraction_train=fraction_train, min_train_nodes=1, min_available_nodes=min_available_nodes)
+        # no federated evaluation (configure_evaluate sends nothing); set here, as Flower warns when it is passed
+        self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0
         self.maskable = list(maskable)
         self.num_clients = num_clients
         self.lr, self.lr_decay = lr, lr_decay
