@@ -23,7 +23,9 @@ Invariants:
   failure (a mask re-installed) runs on the state as it is.
 - A snapshot is the exact bytes of Flower's own RecordDict serialisation; loading it gives equal records.
 - Writes are atomic (a temporary file, then rename); the newest `keep` slots stay (the server checkpoints after
-  every round, so a client is at most one round ahead of it; `keep` leaves room).
+  every round, so a client is at most one round ahead of it; `keep` leaves room), and slot 0 always stays: it is
+  written when a run first sees the node, so a server that starts over at round 1 (`resume=true` with no
+  checkpoint) can always rewind the node to the state before its first round.
 - A node that cannot write its folder warns and trains on (its state is then not resumable), since losing a
   resume is better than failing every round.
 """
@@ -76,7 +78,7 @@ class ClientStateStore:
 
     def save(self, server_round: int, state: RecordDict) -> None:
         """Write `state` as the snapshot of `server_round` (replacing one there), then drop all but the newest
-        `keep` snapshots."""
+        `keep` snapshots (and the one of round 0)."""
         if server_round < 0:
             raise ValueError(f"server_round must be >= 0, got {server_round}")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ class ClientStateStore:
         temporary.write_bytes(recorddict_to_proto(state).SerializeToString())
         os.replace(temporary, path)
         for old in self.rounds()[:-self.keep]:
-            self._path(old).unlink(missing_ok=True)
+            if old != 0:
+                self._path(old).unlink(missing_ok=True)
 
     def load(self, server_round: int) -> RecordDict:
         """The snapshot of `server_round`; ClientStateError if it is missing or damaged."""
@@ -125,16 +128,17 @@ def restore_state(state: RecordDict, store: ClientStateStore, *, resume: bool, t
     """Before a handler: bring `state` to where the message must start from (see the module docstring).
     `train_round` is the server round of a train message, None for any other message."""
     if answered_round(state) is None:  # the node's first message in this run
+        saved = store.rounds() if resume else []
         if not resume:
             store.clear()
+        if saved:
+            replace_state(state, store.load(saved[-1]))
+            if answered_round(state) is None:  # a snapshot written without the marker: its slot says the round
+                state[STATE_MARKER] = ConfigRecord({"round": saved[-1]})
+            log.info("client state restored from %s (round %d)", store.folder, saved[-1])
+        else:  # a run from scratch: its round-0 slot is the empty state
             state[STATE_MARKER] = ConfigRecord({"round": 0})
-        else:
-            saved = store.rounds()
-            if saved:
-                replace_state(state, store.load(saved[-1]))
-                log.info("client state restored from %s (round %d)", store.folder, saved[-1])
-            if answered_round(state) is None:
-                state[STATE_MARKER] = ConfigRecord({"round": 0})
+            _save(store, 0, state)
     current = answered_round(state)
     if train_round is None or current is None or current < train_round:
         return
@@ -153,8 +157,12 @@ def record_state(state: RecordDict, store: ClientStateStore, *, train_round: int
     if train_round is not None:
         state[STATE_MARKER] = ConfigRecord({"round": train_round})
     current = answered_round(state)
+    _save(store, current if current is not None else 0, state)
+
+
+def _save(store: ClientStateStore, server_round: int, state: RecordDict) -> None:
     try:
-        store.save(current if current is not None else 0, state)
+        store.save(server_round, state)
     except OSError as err:
         log.warning("client state not saved in %s (%s): a resumed run cannot restore this client's state",
                     store.folder, err)

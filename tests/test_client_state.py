@@ -5,6 +5,12 @@ makes a resumed client's reply bit-identical to an uninterrupted one's only if t
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +30,8 @@ from fedsparse import sparse, transport
 from fedsparse.config import resolve
 from fedsparse.data import load_dataset
 from fedsparse.models import build_model
+from fedsparse.results import read_rounds
+from tests.conftest import REPO, fedsparse_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,12 +75,12 @@ def test_the_newest_snapshots_are_kept_and_discard_from_drops_later_rounds(tmp_p
     store = ClientStateStore(tmp_path, keep=3)
     for server_round in (0, 1, 2, 5, 7):
         store.save(server_round, a_state(server_round))
-    assert store.rounds() == [2, 5, 7]
+    assert store.rounds() == [0, 2, 5, 7]  # round 0 always stays
     store.save(5, a_state(50.0))  # a slot is replaced, not duplicated
-    assert store.rounds() == [2, 5, 7]
+    assert store.rounds() == [0, 2, 5, 7]
     assert store.load(5)["info"]["tag"] == 50.0
     store.discard_from(5)
-    assert store.rounds() == [2]
+    assert store.rounds() == [0, 2]
     store.clear()
     assert store.rounds() == []
 
@@ -120,7 +128,7 @@ def test_a_fresh_run_forgets_the_snapshots_an_older_run_left(tmp_path):
     state = RecordDict()
     restore_state(state, store, resume=False, train_round=1)
     assert list(state.keys()) == [STATE_MARKER] and answered_round(state) == 0
-    assert store.rounds() == []
+    assert store.rounds() == [0]  # the new run's own start
 
 
 def test_a_resumed_run_starts_from_the_newest_snapshot(tmp_path):
@@ -141,7 +149,7 @@ def test_a_round_the_server_re_runs_starts_from_the_state_before_it(tmp_path):
     restore_state(state, store, resume=True, train_round=3)  # the server resumed from its round-2 checkpoint
     assert answered_round(state) == 2
     assert np.array_equal(state["residual"]["residual"].numpy(), a_state(2)["residual"]["residual"].numpy())
-    assert store.rounds() == [1, 2]  # round 4's snapshot belonged to the abandoned timeline
+    assert store.rounds() == [0, 1, 2]  # round 4's snapshot belonged to the abandoned timeline
 
 
 def test_what_a_query_installs_after_a_train_belongs_to_that_train_s_slot(tmp_path):
@@ -155,9 +163,24 @@ def test_what_a_query_installs_after_a_train_belongs_to_that_train_s_slot(tmp_pa
     assert "mask" in answer_rounds_state and answered_round(answer_rounds_state) == 1
 
 
+def test_a_server_starting_over_rewinds_the_node_to_its_first_state(tmp_path):
+    """resume=true but the server has no checkpoint: round 1 again, after the older run's round 5."""
+    store = ClientStateStore(tmp_path, keep=1)
+    answer_rounds(store, [1, 2, 3, 4, 5])
+    assert store.rounds() == [0, 5]
+    state = RecordDict()
+    restore_state(state, store, resume=True, train_round=1)
+    assert list(state.keys()) == [STATE_MARKER] and answered_round(state) == 0
+    assert store.rounds() == [0]
+
+
 def test_a_rewind_with_no_earlier_snapshot_left_is_an_error(tmp_path):
     store = ClientStateStore(tmp_path, keep=1)
     answer_rounds(store, [1, 2, 3])
+    store.discard_from(0)
+    state = a_state(3.0)
+    state[STATE_MARKER] = ConfigRecord({"round": 3})
+    store.save(3, state)
     with pytest.raises(ClientStateError, match="no snapshot of a round before 2"):
         restore_state(RecordDict(), store, resume=True, train_round=2)
 
@@ -232,6 +255,54 @@ def test_a_failed_handler_changes_no_snapshot(tmp_path, task_identity, monkeypat
     monkeypatch.setitem(handlers.HANDLERS, "train.topk", broken)
     with pytest.raises(RuntimeError, match="the handler failed"):  # Flower turns it into an error reply
         build_app()(topk_message(cfg, 2), context)
-    assert store.rounds() == [1]
+    assert store.rounds() == [0, 1]
     assert_same_state(store.load(1), saved)
     assert answered_round(context.state) == 1
+
+
+# ------------------------------------------------------------------ end to end: fedsparse run, stop, resume
+
+E2E = ("dataset=digits", "model=mlp", "num-clients=3", "partitioner=iid", "seed=7")
+
+
+def run_side_by_side(*runs: tuple[Path, tuple[str, ...]], timeout: float = 600) -> None:
+    """`fedsparse run --out OUT --set SETTINGS` for every (OUT, SETTINGS) at once, each its own Ray cluster with one
+    CPU (most of a tiny run is Ray starting up, which overlaps well); fails naming the run that failed."""
+    procs = [(out, subprocess.Popen([sys.executable, "-m", "fedsparse.cli", "run", "--ray-cpus", "1", "--out",
+                                     str(out), "--set", *settings], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+             for out, settings in runs]
+    for out, proc in procs:
+        output, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"fedsparse run --out {out} failed ({proc.returncode}):\n{output[-6000:]}")
+
+
+@pytest.mark.parametrize("strategy", [
+    "topk",
+    pytest.param("fedavg", marks=pytest.mark.slow),
+    pytest.param("ssfl", marks=pytest.mark.slow),
+    pytest.param("random", marks=pytest.mark.slow),
+    pytest.param("magnitude", marks=pytest.mark.slow),
+])
+def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_model(tmp_path, strategy):
+    """Three rounds in one go, vs two rounds then `--resume` to three, each its own Ray cluster. Before the
+    resume, the clients' folders get the uninterrupted run's round-3 snapshots: what a run killed after its
+    clients answered round 3 but before the server checkpointed it leaves. The resumed server re-runs round 3, so
+    its clients must rewind to their round-2 state (for topk the residual; for the masked strategies the mask)."""
+    settings = (*E2E, f"strategy={strategy}")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_side_by_side((whole, (*settings, "num-rounds=3")), (part, (*settings, "num-rounds=2")))
+    for partition in range(3):
+        name = Path("client-state") / f"partition-{partition}" / "round-00000003.state"
+        shutil.copyfile(whole / name, part / name)
+    fedsparse_run(part, "num-rounds=3", extra=("--resume", str(part)))
+    for partition in range(3):  # the abandoned round 3 was replaced by the re-run's (the same bytes)
+        name = Path("client-state") / f"partition-{partition}" / "round-00000003.state"
+        assert (part / name).read_bytes() == (whole / name).read_bytes(), name
+    a, b = torch.load(whole / "final_model.pt"), torch.load(part / "final_model.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert ([row["test_accuracy"] for row in read_rounds(part / "rounds.csv")]
+            == [row["test_accuracy"] for row in read_rounds(whole / "rounds.csv")])
