@@ -6,6 +6,8 @@ a node that loses its mask or comes back with a new node id trains again, and a 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from flwr.app import Error, Message, RecordDict
 
@@ -161,9 +163,116 @@ def test_a_malformed_info_reply_drops_only_that_node(task_identity, tmp_path, mo
     assert (14, "train") not in grid.log and summary["rounds"] == 1
 
 
+STRATEGY_KEYS = {"fedavg": {}, "ssfl": {"sparsity": 0.5}, "random": {"sparsity": 0.5},
+                 "magnitude": {"sparsity": 0.5, "warmup-rounds": 1}, "topk": {}}
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "ssfl", "random", "magnitude", "topk"])
 def test_every_strategy_runs_clean_through_the_loop(task_identity, tmp_path, strategy):
-    grid = HandlerGrid(BASE, {11: 0, 12: 1, 13: 2})
-    summary = run(tmp_path, grid, strategy=strategy, **{"num-rounds": 2, "warmup-rounds": 1})
+    settings = {k: v for k, v in BASE.items() if k != "sparsity"}
+    grid = HandlerGrid(settings, {11: 0, 12: 1, 13: 2})
+    summary = run_with(tmp_path, grid, settings, strategy=strategy, **{"num-rounds": 2, **STRATEGY_KEYS[strategy]})
     assert summary["failures"] == [] and summary["rounds"] == 2
-    assert [r["clients"] for r in read_rounds(tmp_path / "out" / "rounds.csv")] == [3, 3]
+    rows = read_rounds(tmp_path / "out" / "rounds.csv")
+    assert [r["clients"] for r in rows] == [3, 3] and [r["phase"] for r in rows] == ["train", "train"]
+    assert all(r["acc/digits"] == r["test_accuracy"] and r["loss/digits"] == r["test_loss"] for r in rows)
+    assert [p["name"] for p in summary["phases"]] == ["train"] and summary["phases"][0]["rounds"] == 2
+    assert summary["phases"][0]["bytes_up"] == summary["bytes_up"] > 0
+
+
+def run_with(tmp_path, grid: HandlerGrid, settings: dict, **overrides) -> dict:
+    cfg = {**settings, "output-dir": str(tmp_path / "out"), **overrides}
+    grid.cfg = resolve(cfg)
+    return run_federation(grid, cfg)
+
+
+class TwoPhases:
+    """A test experiment: 2 rounds of FedAvg on digits, then 1 round of a fresh FedAvg whose clients get an extra
+    config entry; the hooks record what they saw, `after_round` halves the model of phase 2, a query.* exchange
+    in `on_end` of phase 1 counts as one-off traffic."""
+
+    config_namespaces = frozenset()
+    made: ClassVar[list[TwoPhases]] = []
+
+    def __init__(self, cfg: dict) -> None:
+        TwoPhases.made.append(self)
+        from fedsparse.data import load_dataset
+        from fedsparse.models import build_model, maskable_names
+        from server.experiments import Phase, TestSetEvaluator
+        from server.strategies import FedAvg
+
+        data = load_dataset("digits")
+        self.model = build_model(cfg["model"], data.input_shape, data.num_classes, seed=cfg["seed"])
+        names = maskable_names(self.model)
+        evaluator = TestSetEvaluator("digits", data.x_test, data.y_test)
+        half = TestSetEvaluator("half", data.x_test[: len(data.x_test) // 2], data.y_test[: len(data.y_test) // 2])
+        self.seen: list[tuple] = []
+        self.halved: dict = {}
+        self.phases = [
+            Phase("first", "digits", 2, FedAvg.from_config(cfg, names), [evaluator],
+                  on_start=lambda ctx: self.seen.append(("start", ctx.phase_index, sorted(ctx.nodes))),
+                  on_end=self.ask_info),
+            Phase("second", "digits", 1, FedAvg.from_config(cfg, names), [half, evaluator],
+                  client_config={"procedure": "plain"},
+                  on_start=lambda ctx: self.seen.append(("start", ctx.phase_index, sorted(ctx.nodes))),
+                  after_round=self.halve),
+        ]
+
+    def ask_info(self, ctx) -> None:
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in ctx.nodes.values()]
+        replies = list(ctx.grid.send_and_receive(messages, timeout=ctx.timeout))
+        self.seen.append(("end", ctx.phase_index, len(replies)))
+
+    def halve(self, ctx, phase_round, arrays):
+        from flwr.app import ArrayRecord
+
+        self.halved = {k: v * 0.5 for k, v in arrays.to_torch_state_dict().items()}
+        self.seen.append(("after", ctx.phase_index, phase_round))
+        return ArrayRecord(self.halved)
+
+    def state_dict(self) -> dict:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = list(state["seen"])
+
+    def finish(self, out_dir, rows) -> dict:
+        return {"two_phases_seen": [list(x) for x in self.seen]}
+
+
+def test_an_experiment_runs_its_phases_with_their_hooks_and_columns(task_identity, tmp_path, monkeypatch):
+    """Rounds are numbered over phases; hooks run in order (on_start, rounds, after_round, on_end); the second
+    phase's evaluators add their columns; the client config reaches the train messages; the model after
+    `after_round` is the one evaluated and saved; query.* traffic of a hook is one-off."""
+    import torch
+
+    from server import experiments
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "two-phases", TwoPhases)
+    settings = {k: v for k, v in BASE.items() if k != "sparsity"}
+    sent_configs = []
+
+    def record(message, grid):
+        if message.metadata.message_type == "train":
+            sent_configs.append(dict(message.content["config"]))
+
+    grid = HandlerGrid(settings, {11: 0, 12: 1, 13: 2}, record)
+    summary = run_with(tmp_path, grid, settings, strategy="fedavg", experiment="two-phases")
+    experiment = TwoPhases.made[-1]
+    rows = read_rounds(tmp_path / "out" / "rounds.csv")
+    assert [(r["round"], r["phase"]) for r in rows] == [(1, "first"), (2, "first"), (3, "second")]
+    assert summary["two_phases_seen"] == [["start", 0, [0, 1, 2]], ["end", 0, 3], ["start", 1, [0, 1, 2]],
+                                          ["after", 1, 1]]
+    assert [c["server-round"] for c in sent_configs] == [1, 1, 1, 2, 2, 2, 1, 1, 1]  # each phase from its round 1
+    assert [c.get("procedure") for c in sent_configs] == [None] * 6 + ["plain"] * 3
+    assert "task" not in sent_configs[0]  # the task is the dataset: nothing extra on the wire
+    assert rows[0]["acc/half"] != rows[0]["acc/half"] and rows[2]["acc/half"] == rows[2]["acc/half"]  # NaN, then set
+    assert rows[2]["test_accuracy"] == rows[2]["acc/half"]  # the first evaluator's
+    final = torch.load(tmp_path / "out" / "final_model.pt")
+    assert list(final) == list(experiment.halved) and all(torch.equal(final[k], v) for k, v in experiment.halved.items())
+    assert [p["name"] for p in summary["phases"]] == ["first", "second"]
+    assert summary["phases"][1]["final"]["acc/half"] == rows[2]["acc/half"]
+    # one-off: 3 x query.info at discovery of each phase's strategy + 3 in on_end; nothing of it in a round's bytes
+    infos = [t for _, t in grid.log].count("query.info")
+    assert infos == 9 and summary["bytes_oneoff"] > 0
+    assert sum(r["bytes_down"] for r in rows) == summary["bytes_down"]
