@@ -191,3 +191,21 @@ def test_a_float_payload_read_as_int8_and_back_is_rejected():
         transport.read_payload(transport.make_payload(values, dense, "float16"), layout, masks, "int8")
     with pytest.raises(ReplyError, match="unexpected arrays"):
         transport.read_payload(transport.make_payload(values, dense, "int8"), layout, masks, "float16")
+
+
+@pytest.mark.slow
+def test_ssfl_learns_as_well_in_int8_as_in_float32(tmp_path):
+    """SSFL on digits (10 clients, Dirichlet 0.5, 8 rounds, 90% sparsity), seed 1: int8 replies and model within 2
+    points of float32 at a quarter of the bytes. Seeds 1-3 measured: float32 75.21 / 81.13 / 84.79 %, int8 74.65 /
+    81.13 / 84.79 % (nearest rounding; seeded stochastic rounding of the replies gave 74.08 / 79.72 / 83.38 %)."""
+    from tests.conftest import LEARNING, fedsparse_run, summary
+
+    settings = (*LEARNING, "num-clients=10", "partitioner=dirichlet", "dirichlet-alpha=0.5", "num-rounds=8",
+                "strategy=ssfl", "sparse.sparsity=0.9", "seed=1")
+    results = {}
+    for dtype in ("float32", "int8"):
+        fedsparse_run(tmp_path / dtype, *settings, f"sparse.value-dtype={dtype}")
+        results[dtype] = summary(tmp_path / dtype)
+    assert results["int8"]["final_accuracy"] > 0.6  # chance is 0.1
+    assert results["int8"]["final_accuracy"] >= results["float32"]["final_accuracy"] - 0.02
+    assert results["int8"]["bytes_up"] < 0.3 * results["float32"]["bytes_up"]
