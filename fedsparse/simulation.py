@@ -67,14 +67,9 @@ def check_split(cfg: dict, num_examples: int, num_classes: int) -> None:
 
 def uses_mask(strategy: str) -> bool:
     """Whether `strategy` prunes the model to a fixed mask: it reads `sparse.sparsity` (its `config_keys`)."""
-    from fedsparse.config import registry, strategy_config_keys
+    from fedsparse.config import strategy_config_keys
 
-    keys = strategy_config_keys(strategy)
-    if keys is None:  # a strategy class that does not declare its keys: a mask strategy if it has a mask setup
-        from server.strategies.masked import MaskedFedAvg
-
-        return issubclass((registry("server.strategies:STRATEGIES") or {})[strategy], MaskedFedAvg)
-    return "sparse.sparsity" in keys
+    return "sparse.sparsity" in (strategy_config_keys(strategy) or ())
 
 
 def check_run_settings(cfg: dict) -> None:

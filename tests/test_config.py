@@ -4,6 +4,7 @@ import pytest
 
 from fedsparse.cli import main as cli_main
 from fedsparse.config import SCHEMA, ConfigError, flatten, parse_assignments, resolve
+from server.strategies import STRATEGIES
 from tests.conftest import REPO
 
 
@@ -191,17 +192,6 @@ def test_cli_stops_a_bad_setting_before_ray(capsys, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ registries and the keys a run uses
 
-# Which namespaced keys each strategy reads, per the design, used only while a strategy class does not declare its
-# own `config_keys` yet; once they do, the tests below check the declared sets.
-FALLBACK_CONFIG_KEYS = {
-    "fedavg": {"sparse.mask-layers"},
-    "ssfl": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.saliency-fraction",
-             "sparse.saliency-batches", "sparse.saliency-aggregation", "sparse.value-dtype"},
-    "random": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.value-dtype"},
-    "magnitude": {"sparse.sparsity", "sparse.mask-scope", "sparse.mask-layers", "sparse.value-dtype",
-                  "sparse.warmup-rounds"},
-    "topk": {"sparse.mask-layers", "sparse.value-dtype", "sparse.topk-density"},
-}
 # A value other than the default, for every sparse.* key.
 OFF_DEFAULT = {"sparse.sparsity": 0.5, "sparse.mask-scope": "layerwise", "sparse.mask-layers": "conv",
                "sparse.saliency-fraction": 0.5, "sparse.saliency-batches": 2, "sparse.saliency-aggregation": "mean",
@@ -209,14 +199,8 @@ OFF_DEFAULT = {"sparse.sparsity": 0.5, "sparse.mask-scope": "layerwise", "sparse
 
 
 @pytest.fixture
-def strategy_keys(monkeypatch) -> dict[str, frozenset[str]]:
-    """{strategy: the namespaced keys it reads}: the classes' own `config_keys`, or the fallback table while the
-    classes do not declare them (set on the classes for the test's duration)."""
-    from server.strategies import STRATEGIES
-
-    if not any(hasattr(cls, "config_keys") for cls in STRATEGIES.values()):
-        for name, cls in STRATEGIES.items():
-            monkeypatch.setattr(cls, "config_keys", frozenset(FALLBACK_CONFIG_KEYS[name]), raising=False)
+def strategy_keys() -> dict[str, frozenset[str]]:
+    """{strategy: the namespaced keys it reads}: the registered classes' `config_keys`."""
     return {name: cls.config_keys for name, cls in STRATEGIES.items()}
 
 
@@ -226,8 +210,6 @@ def test_every_sparse_key_has_an_off_default_value():
 
 
 def test_strategy_choices_are_the_registry_names():
-    from server.strategies import STRATEGIES
-
     assert SCHEMA["strategy"].allowed() == tuple(STRATEGIES)
     with pytest.raises(ConfigError, match="'strategy': 'fedprox' is not one of " + ", ".join(STRATEGIES)):
         resolve({"strategy": "fedprox"})
@@ -257,7 +239,7 @@ def test_a_missing_registry_module_is_none_but_a_broken_one_raises(tmp_path, mon
 
 
 @pytest.mark.parametrize("key", sorted(OFF_DEFAULT))
-@pytest.mark.parametrize("strategy", sorted(FALLBACK_CONFIG_KEYS))
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_a_sparse_key_off_its_default_must_be_used_by_the_strategy(strategy_keys, strategy, key):
     overrides = {"strategy": strategy, key: OFF_DEFAULT[key]}
     if key in strategy_keys[strategy]:
@@ -306,7 +288,6 @@ def test_flwr_run_config_with_every_default_is_checked_by_value(strategy_keys):
 def test_a_namespace_the_experiment_reads_is_allowed_and_named_otherwise(strategy_keys, monkeypatch):
     """An experiment's `config_namespaces` admits its keys; another experiment's keys are refused, naming it."""
     from fedsparse import config
-    from server.strategies import STRATEGIES
 
     class Standard:
         config_namespaces = frozenset()
@@ -335,3 +316,11 @@ def test_cli_refuses_a_key_the_strategy_ignores_before_ray(strategy_keys, capsys
     code = cli_main(["run", "--set", "dataset=digits", "value-dtype=float16", "--out", str(tmp_path / "o")])
     assert code == 2 and "'sparse.value-dtype' (given as 'value-dtype')" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_continual_keys_belong_to_the_continual_experiment():
+    """The registered experiments: `cl.*` is read by `continual` only; `standard` refuses it by name."""
+    assert resolve({"experiment": "continual", "cl.sfa-beta": 0.5})["cl.sfa-beta"] == 0.5
+    with pytest.raises(ConfigError, match="'cl.sfa-beta' is set to 0.5, but strategy fedavg with experiment "
+                                          "standard does not use it \\(experiments that use it: continual\\)"):
+        resolve({"cl.sfa-beta": 0.5})
