@@ -11,8 +11,8 @@ message (default: the run's dataset).
 `state` is the node's Context.state: it keeps the installed mask between rounds (in deployment every message is
 a fresh process, so nothing else survives), and the ClientApp keeps a copy of it on the node's disk after every
 handler that succeeded, so a resumed run restores it (`client.state`). A handler writes it last, once nothing
-left can fail. A node whose state lost the mask (a restarted SuperNode) answers a
-sparse train message with `MaskMissing`, whose text carries `sparse.MASK_MISSING`: the server then re-installs.
+left can fail. A node whose state lost the mask (a restarted SuperNode) answers a sparse train message with
+`MaskMissing`, whose text carries `sparse.MASK_MISSING`: the server then re-installs.
 
 Every train reply echoes, in its `config` record, the round it answers (`server-round`) and the fingerprint of
 the mask it used (`mask-fingerprint`): the server rejects a reply bound to another round or mask.
