@@ -14,8 +14,9 @@ Invariants:
   first, by pid with everything each one spawned (`fedsparse.deploy_processes`); nothing is looked up by name.
 - Every wait polls a file or the CLI until a generous deadline and fails early, with the log tail, when the
   process it waits for has exited. Files are polled often (free), the CLI sparingly (a Python start-up each).
-- Priorities: the SuperLink, its SuperExec (hence the ServerApp) and the edge proxy run SERVER_PRIORITY_BOOST
-  niceness steps above the SuperNodes' SuperExecs (hence the ClientApps, which do the CPU-heavy work). On a loaded
+- Priorities: the SuperLink, its SuperExec (hence the ServerApp), the edge proxy and (with process isolation) the
+  SuperNodes, which only relay messages, run SERVER_PRIORITY_BOOST niceness steps above the SuperNodes' SuperExecs
+  (hence the ClientApps, which do the CPU-heavy work). On a loaded
   machine a starved SuperLink once made the ServerApp miss Flower's task heartbeat (sent every ~20 s, expired after
   60 s, neither configurable in Flower 1.42), which fails the run. Where the OS allows it the server side is
   raised (niceness -5) and the clients run at ours, so they are not starved by other jobs either; elsewhere the
@@ -107,7 +108,7 @@ class SubmittedRun:
 class Priorities:
     """Niceness of each side, relative to the deploying process."""
 
-    server: int  # SuperLink, its SuperExec and ServerApps, edge proxy
+    server: int  # SuperLink, its SuperExec and ServerApps, edge proxy, SuperNodes (process isolation)
     clients: int  # the SuperNodes' SuperExecs and ClientApps
 
     @classmethod
@@ -318,7 +319,10 @@ class LocalDeployment:
         return node
 
     def start_supernode(self, node: SuperNode, max_wait_time: float | None = None) -> SuperNode:
-        """Start `node` (and, with process isolation, its SuperExec at the clients' priority); does not wait."""
+        """Start `node` (and, with process isolation, its SuperExec at the clients' priority); does not wait.
+
+        With subprocess isolation the SuperNode spawns the SuperExec (and it the ClientApps), which inherit its
+        priority, so it runs at the clients' priority; with process isolation it only relays, at the server's."""
         args = [self._bins["flower-supernode"], "--superlink", self.fleet_address, *self._tls_client_args(),
                 "--node-config", f"partition-id={node.partition_id} num-partitions={node.num_partitions}",
                 "--isolation", self.isolation, "--host", "127.0.0.1", "--port", str(node.port)]
@@ -332,9 +336,8 @@ class LocalDeployment:
                      "--ssl-ca-certfile", str(self.secrets.ca_cert), *self._superexec_auth_args()]
         log_path = self.logs / f"{node.name}.log"
         node.log_offset = log_path.stat().st_size if log_path.exists() else 0
-        # Subprocess isolation: the SuperNode spawns the SuperExec (and it the ClientApps), which inherit its priority.
-        node.procs = [self._spawn(node.name, args, node.home, node.env,
-                                  niceness=self.priorities.clients if self.isolation == "subprocess" else 0)]
+        relay_niceness = self.priorities.clients if self.isolation == "subprocess" else self.priorities.server
+        node.procs = [self._spawn(node.name, args, node.home, node.env, niceness=relay_niceness)]
         if self.isolation == "process":
             node.procs.append(self._spawn(f"superexec-{node.name}", [
                 self._bins["flower-superexec"], *self._tls_client_args(), *self._superexec_auth_args(),

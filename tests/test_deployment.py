@@ -1,7 +1,7 @@
 """Multi-node deployment (issues 4 and 8): real SuperLink, SuperNode, SuperExec and nginx processes on loopback
-with TLS and SuperNode authentication, driven through `fedsparse.local_deployment.LocalDeployment`; and the docker compose
-files, which are parsed (no Docker engine is needed) and checked for files, secrets and build contexts that do not
-exist. `test_podman_stack_completes_a_run` (slow) builds the image and runs the compose stack with podman.
+with TLS and SuperNode authentication, driven through `fedsparse.local_deployment.LocalDeployment`; its pieces
+(run-config file, CLI config, secrets made once, process priorities); and the docker compose files, which are
+parsed (no Docker engine is needed) and checked for files, secrets and build contexts that do not exist. `test_podman_stack_completes_a_run` (slow) builds the image and runs the compose stack with podman.
 
 The process tests share one 3-node deployment behind the edge proxy (nginx: SuperNodes dial its Fleet-only public
 port, the CLI its Control-only operator port; without nginx the nodes dial the SuperLink and the proxy tests skip)
@@ -11,12 +11,15 @@ and three small runs on `digits`:
   only node whose processes carry FEDSPARSE_TEST_FAULT) sends malformed sparse replies, and supernode-3 is
   SIGKILLed after round 1 and started again with the same key and partition: it must train again in a later
   round (the server re-installs the mask it lost).
-Every message in a deployment starts a ClientApp process (about 5 CPU seconds), a dead node costs one
-round-timeout (60 s), and the restarted node waits until the SuperLink has marked it offline (about a minute).
-Measured: 12 min 46 s for this file on 2 cores kept at load 17 by other jobs (clean run 274 s, faulty run 408 s with 6 rounds; 480 s with 8);
-the SuperNodes' ClientApps run at nice 10 so that the SuperLink and the ServerApp are not starved. In the faulty
-run supernode-3, killed after round 1, missed rounds 2-3, reported its lost mask in round 4 (the server then
-re-installed it) and was aggregated again from round 5 on (clients per round 2, 1, 1, 1, 2, 2, 2, 2).
+Every message in a deployment starts a ClientApp process (about 5 CPU seconds), a node that does not answer costs
+at most one round-timeout (ROUND_TIMEOUT_FAULTY), and the restarted node waits until the SuperLink has marked it
+offline (about a minute). The SuperLink, its SuperExec (ServerApp), the edge proxy and the SuperNodes run above the
+ClientApps' priority (`fedsparse.local_deployment.Priorities`), so that a busy machine cannot starve the ServerApp
+past Flower's 60 s task heartbeat. Measured after the split of deploy.py: 11 min 40 s for `-m deployment` on 2
+cores kept at load 11-15 by other jobs (start 33 s, clean run 230 s, faulty run 400 s with 8 rounds). In that
+faulty run supernode-3, killed after round 1, was unavailable in rounds 2-3, reported its lost mask in round 4
+(the server then re-installed it) and was aggregated again from round 5 on (clients per round 2, 1, 1, 1, 2, 2, 2,
+2).
 """
 
 from __future__ import annotations
@@ -299,8 +302,9 @@ def test_restarted_supernode_trains_again_in_a_later_round(faulty_run):
 
 @pytest.mark.deployment
 def test_server_side_runs_at_a_higher_priority_than_the_clients(dep):
-    """The SuperLink and its SuperExec (which starts the ServerApps) must not be starved by the ClientApps."""
-    server = [niceness_of(p.pid) for p in dep.superlink]
+    """The SuperLink, its SuperExec (which starts the ServerApps) and the SuperNodes (relays) must not be starved by
+    the ClientApps."""
+    server = [niceness_of(p.pid) for p in dep.superlink] + [niceness_of(n.procs[0].pid) for n in dep.supernodes[:3]]
     clients = [niceness_of(n.procs[-1].pid) for n in dep.supernodes[:3]]  # the SuperExecs that start ClientApps
     assert None not in server + clients, (server, clients)
     assert max(server) < min(clients), (server, clients)
