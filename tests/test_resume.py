@@ -134,10 +134,10 @@ def test_resume_refuses_fewer_rounds_than_done(tmp_path, capsys, no_ray):
 
 def test_checkpoint_made_with_other_settings_is_refused_naming_them(tmp_path, capsys, no_ray):
     folder = tmp_path / "run"
-    make_run_folder(folder, sparsity=0.5, seed=3)  # config.json edited by hand after the checkpoint was made
+    make_run_folder(folder, seed=3, **{"sparse.sparsity": 0.5})  # config.json edited after the checkpoint was made
     assert resume_cli(folder) == 2
     err = capsys.readouterr().err
-    assert "sparsity 0.5 -> 0.8" in err and "seed 3 -> 42" in err and str(folder / CHECKPOINT_FILE) in err
+    assert "sparse.sparsity 0.5 -> 0.8" in err and "seed 3 -> 42" in err and str(folder / CHECKPOINT_FILE) in err
 
 
 def test_a_copied_run_folder_resumes_and_retired_keys_are_ignored(tmp_path):
