@@ -6,6 +6,7 @@ a node that loses its mask or comes back with a new node id trains again, and a 
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import pytest
@@ -276,3 +277,56 @@ def test_an_experiment_runs_its_phases_with_their_hooks_and_columns(task_identit
     infos = [t for _, t in grid.log].count("query.info")
     assert infos == 9 and summary["bytes_oneoff"] > 0
     assert sum(r["bytes_down"] for r in rows) == summary["bytes_down"]
+
+
+@pytest.mark.parametrize("strategy", ["ssfl", "magnitude", "topk"])
+def test_a_server_restarted_after_round_2_ends_with_the_uninterrupted_model(task_identity, tmp_path, strategy):
+    """The server stops after round 2 and resumes (checkpoint: model, rows, strategy state: the mask); the
+    clients keep their state (top-k residual). Round 3 then gives the same model as a run that never stopped;
+    the masked strategy re-installs its mask on the clients first."""
+    import torch
+
+    settings = {**{k: v for k, v in BASE.items() if k != "sparsity"}, "strategy": strategy,
+                **STRATEGY_KEYS[strategy], "fraction-train": 0.67}
+    whole = tmp_path / "whole"
+    run_with(whole, HandlerGrid(settings, {11: 0, 12: 1, 13: 2}), settings)
+    split = tmp_path / "split"
+    grid = HandlerGrid(settings, {11: 0, 12: 1, 13: 2})
+    run_with(split, grid, settings, **{"num-rounds": 2})
+    installs_before = [t for _, t in grid.log].count("query.install_mask")
+    summary = run_with(split, grid, settings, resume=True)
+    assert summary["rounds"] == 3 and len(read_rounds(split / "out" / "rounds.csv")) == 3
+    a, b = torch.load(whole / "out" / "final_model.pt"), torch.load(split / "out" / "final_model.pt")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    reinstalls = [t for _, t in grid.log].count("query.install_mask") - installs_before
+    assert reinstalls == (3 if strategy != "topk" else 0)
+
+
+def test_report_reads_rounds_csv_from_before_and_after_phases(tmp_path):
+    """One reader for both formats: a file without `phase` (written before phases existed) and one with `phase`
+    and evaluator columns, an empty cell (a metric not measured that round) read as NaN."""
+    import math
+
+    from fedsparse.results import ROUND_COLUMNS, comparison_table, read_rounds, write_rounds
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "rounds.csv").write_text(",".join(ROUND_COLUMNS) + "\n1,2.5,0.5,2.0,10,20,8,16,3,0,1.5\n")
+    new = tmp_path / "new"
+    new.mkdir()
+    row = dict(zip(ROUND_COLUMNS, [1, 2.5, 0.5, 2.0, 10, 20, 8, 16, 3, 0, 1.5], strict=True))
+    write_rounds(new / "rounds.csv", [{**row, "phase": "task-1:mnist", "acc/mnist": 0.5},
+                                      {**row, "round": 2, "phase": "task-2:usps", "acc/usps": 0.25}])
+    assert read_rounds(old / "rounds.csv") == [{k: float(v) for k, v in row.items()}]
+    first, second = read_rounds(new / "rounds.csv")
+    assert first["phase"] == "task-1:mnist" and first["acc/mnist"] == 0.5 and math.isnan(first["acc/usps"])
+    assert second["phase"] == "task-2:usps" and second["acc/usps"] == 0.25 and second["round"] == 2.0
+    summary = {"strategy": "fedavg", "rounds": 1, "final_accuracy": 0.5, "best_accuracy": 0.5, "bytes_down": 10,
+               "bytes_up": 20}
+    for folder in (old, new):
+        (folder / "summary.json").write_text(json.dumps(summary))
+    from fedsparse.results import report
+
+    table = report([old, new], tmp_path / "both.png")
+    assert table == comparison_table([old, new]) and table.count("| fedavg |") == 2
+    assert (tmp_path / "both.png").stat().st_size > 0
