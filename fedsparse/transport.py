@@ -112,7 +112,7 @@ def payload_keys(value_dtype: str) -> tuple[str, ...]:
 def make_payload(values: torch.Tensor, dense: torch.Tensor, value_dtype: str, *, rounding: str = "nearest",
                  seed: int | None = None) -> ArrayRecord:
     """The payload of (masked values, dense tensors) in `value_dtype`. `rounding` and `seed` apply to int8 only
-    (see `quantize_int8`; values and dense draw from one seeded stream, in that order)."""
+    (see `quantize_int8`; values and dense draw from two streams derived from `seed`)."""
     if value_dtype != "int8":
         return ArrayRecord({"values": Array(to_wire(values, value_dtype)),
                             "dense": Array(to_wire(dense, value_dtype))})

@@ -101,6 +101,18 @@ def test_int8_payload_round_trip_and_bytes():
     assert rec.count_bytes() < 0.27 * float32_bytes
 
 
+def test_an_empty_array_travels_with_no_scale():
+    """top-k's model goes down with no masked values: an empty `values` with an empty `values-scale`."""
+    model = build_model("mlp", (1, 16, 16), 10, seed=0)
+    layout = sparse.Layout.of(model.state_dict(), maskable_names(model))
+    _, dense = sparse.gather(model.state_dict(), layout, None)
+    rec = transport.make_payload(torch.zeros(0), dense, "int8")
+    assert rec["values"].shape == (0,) and rec["values-scale"].shape == (0,)
+    values, got_dense = transport.read_payload(rec, layout, None, "int8")
+    assert values.numel() == 0 and got_dense.shape == dense.shape
+    assert transport.logical_payload_bytes(layout, None, "int8") == dense.numel() + 4 * math.ceil(dense.numel() / 256)
+
+
 def test_stochastic_payload_is_reproducible_and_values_and_dense_draw_apart():
     _, _, values, dense = cnn_payload_parts()
     first = transport.make_payload(values, dense, "int8", rounding="stochastic", seed=3)
