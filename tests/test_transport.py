@@ -1,5 +1,6 @@
 """The int8 payload (`sparse.value-dtype = "int8"`): per-block scales, rounding error, bytes, strict reading."""
 
+import functools
 import math
 
 import numpy as np
@@ -13,8 +14,10 @@ from fedsparse.models import build_model, maskable_names
 from fedsparse.transport import INT8_BLOCK, Int8Blocks, ReplyError, dequantize_int8, quantize_int8
 
 
+@functools.cache
 def cnn_payload_parts() -> tuple[sparse.Layout, sparse.Masks, torch.Tensor, torch.Tensor]:
-    """A cnn for 16x16 images under a 10% random mask: (layout, masks, masked values, dense tensors)."""
+    """A cnn for 16x16 images under a 10% random mask: (layout, masks, masked values, dense tensors); built once,
+    so no test may change them in place."""
     model = build_model("cnn", (1, 16, 16), 10, seed=0)
     state = model.state_dict()
     layout = sparse.Layout.of(state, maskable_names(model))
