@@ -112,8 +112,11 @@ class CountingGrid(Grid):
         return self._count_replies(self.grid.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Count the instructions, send them through the wrapped grid, count the replies."""
+        """Count the instructions, send them through the wrapped grid, count the replies (nothing to send: no
+        replies, at once)."""
         messages = list(messages)
+        if not messages:
+            return []
         for message in messages:
             self._count(message.metadata.message_type, down=transport.content_bytes(message.content))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))

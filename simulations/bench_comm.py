@@ -22,15 +22,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from bench_codec import best_time  # simulations/ is the script's own folder
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from threadpoolctl import threadpool_limits
 
 from fedsparse import codec, sparse, topk, transport
 from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
 from fedsparse.results import load_run, run_label
+from server.grid import CountingGrid
 from server.strategies import STRATEGIES
 from server.strategies.topk import logical_update_bytes
 
@@ -66,15 +66,68 @@ def metrics_up(with_loss: bool = True) -> MetricRecord:
     return MetricRecord(m)
 
 
-def discovery_up() -> int:
-    """The one query.info reply every client sends once (the request is empty)."""
-    return transport.content_bytes(RecordDict({"metrics": metrics_up(with_loss=False)}))
+def masked_keys(density: float, dtype: str) -> dict:
+    return {"sparse.sparsity": 1 - density, "sparse.value-dtype": dtype}
 
 
-def make_strategy(name: str, model: str, layout: sparse.Layout, density: float, dtype: str):
-    cfg = resolve({"strategy": name, "model": model, "value-dtype": dtype, "sparsity": 1 - density,
-                   "topk-density": density})
-    return STRATEGIES[name](cfg, layout)
+STRATEGY_KEYS = {  # each strategy's own keys (a key it does not read must stay at its default)
+    "fedavg": lambda density, dtype: {},
+    "ssfl": masked_keys, "random": masked_keys, "magnitude": masked_keys,
+    "topk": lambda density, dtype: {"sparse.topk-density": density, "sparse.value-dtype": dtype},
+}
+
+
+def outside_an_app() -> None:
+    """Let this process build Flower messages outside a running app (they need a task identity; flower.md 1.4)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class OneClientGrid:
+    """One node (id 1, partition 3 of 4) answering the one-off exchanges the way fedsparse's client does, with replies
+    of the client's sizes: query.info (its partition and example count), query.saliency (float32 scores, one per
+    maskable weight) and query.install_mask (the fingerprint it was sent). Train messages are not answered: the
+    benchmark builds the train reply itself."""
+
+    def __init__(self, num_maskable: int) -> None:
+        self.scores = np.random.default_rng(SEED).random(num_maskable).astype(np.float32)
+
+    def get_node_ids(self) -> list[int]:
+        return [1]
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for m in messages:
+            kind = m.metadata.message_type
+            if kind == "query.info":
+                content = RecordDict({"metrics": metrics_up(with_loss=False)})
+            elif kind == "query.saliency":
+                content = RecordDict({"scores": ArrayRecord({"saliency": Array(self.scores)}),
+                                      "metrics": metrics_up(with_loss=False)})
+            elif kind == "query.install_mask":
+                content = RecordDict({"config": ConfigRecord({"fingerprint": m.content["config"]["fingerprint"]}),
+                                      "metrics": MetricRecord({"partition-id": 3})})
+            else:
+                continue
+            replies.append(Message(content, reply_to=m))
+        return replies
+
+
+def first_sparse_round(name: str, model: str, state: sparse.State, maskable: list[str], density: float,
+                       dtype: str):
+    """The strategy `name` and its first round's train message, made by the strategy itself (configure_train on a
+    one-client grid, counted by a CountingGrid): for magnitude the round after its dense warm-up. Returns the
+    strategy, the message and the one-off bytes (down, up) its exchanges moved."""
+    cfg = resolve({"strategy": name, "model": model, "num-clients": 4, "min-clients": 1,
+                   **STRATEGY_KEYS[name](density, dtype)})
+    strategy = STRATEGIES[name].from_config(cfg, maskable)
+    grid = CountingGrid(OneClientGrid(sum(state[k].numel() for k in maskable)))
+    server_round = 1 + (cfg["sparse.warmup-rounds"] if name == "magnitude" else 0)
+    for r in range(1, server_round + 1):
+        (message,) = strategy.configure_train(r, ArrayRecord(state), ConfigRecord(), grid)
+    one_off = grid.one_off()
+    return strategy, message, (one_off.down, one_off.up)
 
 
 def row(model: str, strategy: str, density: float, dtype: str, layout: sparse.Layout, payload_down: ArrayRecord,
@@ -94,52 +147,28 @@ def row(model: str, strategy: str, density: float, dtype: str, layout: sparse.La
 
 
 def masked_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[dict]:
-    """fedavg, then ssfl/random/magnitude: one per-round transport, different one-off costs."""
+    """fedavg, then ssfl/random/magnitude: one per-round transport, different one-off costs. Every message down is
+    the strategy's own; a reply up carries the same payload as the message down."""
     rows = []
-    fedavg = make_strategy("fedavg", model, layout, 1.0, "float32")
-    _, dense = sparse.gather(state, layout, None)
-    payload = transport.make_payload(torch.zeros(0), dense, "float32")
-    logical = transport.logical_payload_bytes(layout, None, "float32")
-    rows.append(row(model, "fedavg", 1.0, "float32", layout, payload, fedavg.train_config(1), payload,
-                    sparse.NO_MASK, logical, logical, 2, logical, (0, discovery_up(), 0, 0)))
-    shapes = {k: layout.shapes[k] for k in layout.maskable}
-    for density in MASK_DENSITIES:
-        masks = sparse.random_mask(shapes, density, SEED)
-        bits = sparse.pack_mask(masks, layout)
-        fp = sparse.fingerprint(bits)
-        for dtype in DTYPES:
-            for name in MASKED:
-                s = make_strategy(name, model, layout, density, dtype)
-                saliency = oneoff_saliency(s, state) if name == "ssfl" else (0, 0, 0, 0)
-                s.masks, s.fingerprint = masks, fp  # as after setup(): the mask exists
-                values, dense = sparse.gather(state, layout, masks)
-                payload = transport.make_payload(values, dense, dtype)
-                logical = transport.logical_payload_bytes(layout, masks, dtype)
-                install = oneoff_install(bits, fp)
-                oneoff = tuple(a + b for a, b in zip(saliency, install, strict=True))
-                oneoff = (oneoff[0], oneoff[1] + discovery_up(), oneoff[2], oneoff[3])
-                rows.append(row(model, name, density, dtype, layout, payload, s.train_config(1), payload, fp,
-                                logical, logical, 2, logical, oneoff))
+    maskable = list(layout.maskable)
+    cases = [("fedavg", 1.0, "float32")] + [(name, density, dtype) for density in MASK_DENSITIES for dtype in DTYPES
+                                            for name in MASKED]
+    for name, density, dtype in cases:
+        s, message, (oneoff_down, oneoff_up) = first_sparse_round(name, model, state, maskable, density, dtype)
+        payload = message.content["arrays"]
+        logical = s.logical_bytes()
+        saliency = oneoff_saliency(s, state) if name == "ssfl" else (0, 0, 0, 0)
+        bits = sparse.pack_mask(s.masks, layout).size if s.masks is not None else 0
+        oneoff = (oneoff_down, oneoff_up, saliency[2] + bits, saliency[3])
+        rows.append(row(model, name, density, dtype, layout, payload, message.content["config"], payload,
+                        s.fingerprint, logical, logical, 2, logical, oneoff))
     return rows
 
 
 def oneoff_saliency(strategy, state: sparse.State) -> tuple[int, int, int, int]:
-    """SSFL's saliency round per client: the float32 model down, float32 scores up (SSFL.make_mask)."""
+    """SSFL's saliency round per client: the float32 model down, float32 scores up (logical bytes only)."""
     layout = strategy.layout
-    _, dense = sparse.gather(state, layout, None)
-    down = RecordDict({"arrays": transport.make_payload(torch.zeros(0), dense, "float32"),
-                       "config": strategy.train_config(0)})
-    scores = ArrayRecord({"saliency": Array(np.zeros(layout.num_maskable, np.float32))})
-    up = RecordDict({"scores": scores, "metrics": metrics_up(with_loss=False)})
-    return (transport.content_bytes(down), transport.content_bytes(up),
-            transport.logical_payload_bytes(layout, None, "float32"), 4 * layout.num_maskable)
-
-
-def oneoff_install(bits: np.ndarray, fp: str) -> tuple[int, int, int, int]:
-    """The mask install per client (MaskedFedAvg.install): bitmap + fingerprint down, fingerprint up."""
-    down = RecordDict({"mask": ArrayRecord({"bits": Array(bits)}), "config": ConfigRecord({"fingerprint": fp})})
-    up = RecordDict({"config": ConfigRecord({"fingerprint": fp}), "metrics": MetricRecord({"partition-id": 3})})
-    return transport.content_bytes(down), transport.content_bytes(up), bits.size, 0
+    return 0, 0, transport.logical_payload_bytes(layout, None, "float32"), 4 * layout.num_maskable
 
 
 def topk_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[dict]:
@@ -149,15 +178,14 @@ def topk_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[di
     n = update.size
     for density in TOPK_DENSITIES:
         for dtype in DTYPES:
-            s = make_strategy("topk", model, layout, density, dtype)
+            s, message, oneoff = first_sparse_round("topk", model, state, list(layout.maskable), density, dtype)
             buf, _ = topk.encode_topk_update(update, None, density, dtype)  # the client's own code path
             header = codec.read_header(buf, max_elements=n)
             bits = codec.entropy_bound_bits(n, header.kept)  # a mask that changes every round: n H(d)
             value_bytes = transport.VALUE_BYTES[dtype]
-            r = row(model, "topk", density, dtype, layout, s.train_content(1, state)["arrays"], s.train_config(1),
+            r = row(model, "topk", density, dtype, layout, message.content["arrays"], message.content["config"],
                     transport.topk_arrays(buf), sparse.NO_MASK, s.logical_bytes(),
-                    logical_update_bytes(header), 1, bits / 8 + header.kept * value_bytes,
-                    (0, discovery_up(), 0, 0))
+                    logical_update_bytes(header), 1, bits / 8 + header.kept * value_bytes, (*oneoff, 0, 0))
             r.update(kept=header.kept, layout=header.layout, fedlab_up=codec.fedlab_topk_bytes(header.kept))
             rows.append(r)
     return rows
@@ -367,6 +395,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.7, help="accuracy for time-to-accuracy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    outside_an_app()
 
     rows = []
     for model, (shape, classes) in MODELS.items():

@@ -1,0 +1,1 @@
+"""Examples of using fedsparse's pieces from your own Flower apps."""
