@@ -403,3 +403,33 @@ def test_a_superlink_error_reply_is_recorded_against_the_node_it_was_for(task_id
     assert len(got.replies) == 1 and got.replies[0].metadata.src_node_id == 8
     assert [(f["node_id"], "Node Unavailable" in f["reason"]) for f in failures.records] == [(7, True)]
     assert 7 in got.errors
+
+
+def test_counting_grid_counts_every_message_by_type_and_direction(task_identity):
+    """Down: every instruction's records; up: every reply with content, under its instruction's type; an error
+    reply counts nothing; query.* is one-off, the rest round traffic; an empty send reaches no grid."""
+    from server.grid import Bytes, CountingGrid
+
+    payload = ArrayRecord({"w": Array(np.zeros(10, np.float32))})  # 128-byte npy header + 40 B + key "w"
+    config = ConfigRecord({"server-round": 1})  # key + 8 B
+
+    class Answering(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            self.sent += messages
+            return [Message(RecordDict({"arrays": payload}), reply_to=messages[0]),
+                    Message(Error(0, "boom"), reply_to=messages[1])]
+
+    inner = Answering((1, 2))
+    grid = CountingGrid(inner)
+    train = [Message(RecordDict({"arrays": payload, "config": config}), dst_node_id=n, message_type="train")
+             for n in (1, 2)]
+    replies = grid.send_and_receive(train, timeout=1.0)
+    assert len(replies) == 2 and len(inner.sent) == 2
+    one_array, one_config = 128 + 40 + 1, len("server-round") + 8
+    assert grid.by_type == {"train": Bytes(2 * (one_array + one_config), one_array)}
+    info = [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)]
+    grid.send_and_receive(info)
+    assert grid.one_off() == Bytes(0, one_array) and grid.rounds() == Bytes(2 * (one_array + one_config), one_array)
+    assert grid.send_and_receive([]) == [] and len(inner.sent) == 4
+    with pytest.raises(TypeError, match="twice"):
+        CountingGrid(grid)
