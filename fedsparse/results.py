@@ -15,6 +15,7 @@ PHASE_COLUMN = "phase"
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically (a temporary file, then a rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -58,6 +59,7 @@ def read_rounds(path: Path, *, missing_ok: bool = False) -> list[dict[str, float
 
 
 def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
+    """summary.json's entries from the config and the rows (accuracy, loss, bytes, seconds), plus `extra`."""
     accs = [r["test_accuracy"] for r in rows]
     return {
         "strategy": cfg["strategy"], "dataset": cfg["dataset"], "model": cfg["model"],
@@ -109,6 +111,7 @@ def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path,
 
 
 def load_run(folder: Path) -> tuple[dict, list[dict]]:
+    """(summary.json, rounds.csv rows) of a finished run folder."""
     summary = json.loads((folder / "summary.json").read_text())
     return summary, read_rounds(folder / "rounds.csv")
 

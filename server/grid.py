@@ -31,13 +31,16 @@ class Bytes:
     up: int = 0
 
     def __add__(self, other: Bytes) -> Bytes:
+        """Both directions summed."""
         return Bytes(self.down + other.down, self.up + other.up)
 
     def __sub__(self, other: Bytes) -> Bytes:
+        """What was counted between two readings (later - earlier)."""
         return Bytes(self.down - other.down, self.up - other.up)
 
     @property
     def total(self) -> int:
+        """Down + up."""
         return self.down + self.up
 
 
