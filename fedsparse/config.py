@@ -6,12 +6,13 @@ Every key has a type, a default and a check. `resolve()` turns whatever the call
 run_config, strings from `--set key=value`, a preset TOML) into a complete, validated dict, and fails before any
 training starts with a `ConfigError` that names the offending key and what it allows.
 
-The names a key may take from a registry (`strategy`, `experiment`, `optimizer`) are the registry's own: this
-module holds no second list of them, and imports `server.*` registries only inside `resolve()`, so `fedsparse`
-stays importable without the `server` package. A namespaced key set to something other than its default must be
-used by the run: it is in the chosen strategy's `config_keys` or in a namespace of the chosen experiment's
-`config_namespaces`; otherwise `resolve()` refuses it by name (a run would silently ignore it). Comparing with the
-default, not asking whether the key was given, makes this work under `flwr run` too, which passes every key.
+The names a key may take from a registry (`strategy`, `experiment`, `optimizer`, `model`) are the registry's own:
+this module holds no second list of them, and imports `server.*` registries only inside `resolve()`, so
+`fedsparse` stays importable without the `server` package. A namespaced key set to something other than its
+default must be used by the run: it is in the chosen strategy's `config_keys` or in a namespace of the chosen
+experiment's `config_namespaces`; otherwise `resolve()` refuses it by name (a run would silently ignore it).
+Comparing with the default, not asking whether the key was given, makes this work under `flwr run` too, which
+passes every key.
 
 Invariants of a resolved config: every float is finite, `seed` is in [0, MAX_SEED], `min-clients` <= `num-clients`,
 `output-dir` is not blank, `sparse.mask-layers` is a normalised comma list, every namespaced key off its default is
@@ -33,7 +34,6 @@ from fedsparse.optim import OPTIMIZERS
 from fedsparse.tasks import STREAMS as CL_STREAMS
 
 DATASETS = ("fashion-mnist", "mnist", "usps", "cifar10", "cifar100", "digits")
-MODELS = ("cnn", "mlp", "resnet18")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block scales (fedsparse.transport)
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,6 +82,7 @@ class ConfigError(ValueError):
 # Registries whose names are the choices of a key, as "module:ATTRIBUTE" (a dict keyed by name).
 STRATEGY_REGISTRY = "server.strategies:STRATEGIES"
 EXPERIMENT_REGISTRY = "server.experiments:EXPERIMENTS"
+MODEL_REGISTRY = "fedsparse.models:MODELS"
 
 
 def registry(path: str) -> Mapping[str, Any] | None:
@@ -135,7 +136,7 @@ SCHEMA: dict[str, Key] = {
                       registry=EXPERIMENT_REGISTRY),
     "strategy": Key(str, "fedavg", "federated strategy (server.strategies)", registry=STRATEGY_REGISTRY),
     "dataset": Key(str, "fashion-mnist", "dataset name", DATASETS),
-    "model": Key(str, "cnn", "model name", MODELS),
+    "model": Key(str, "cnn", "model name (fedsparse.models)", registry=MODEL_REGISTRY),
     "data-root": Key(str, "", "explicit data folder (else $FEDSPARSE_DATA, ../shared/data, Debian, download)"),
     "train-subset": Key(int, 0, "use only the first N training examples (0 = all)", check=lambda v: v >= 0,
                         rule=">= 0"),

@@ -215,6 +215,14 @@ def test_strategy_choices_are_the_registry_names():
         resolve({"strategy": "fedprox"})
 
 
+def test_model_choices_are_the_registry_names():
+    from fedsparse.models import MODELS
+
+    assert SCHEMA["model"].allowed() == tuple(MODELS)
+    with pytest.raises(ConfigError, match="'model': 'vgg' is not one of " + ", ".join(MODELS)):
+        resolve({"model": "vgg"})
+
+
 def test_experiment_defaults_to_standard_and_takes_only_registry_names():
     from fedsparse.config import EXPERIMENT_REGISTRY, registry
 
