@@ -456,7 +456,8 @@ class LocalDeployment:
             raise ConfigError(f"num-clients={cfg['num-clients']} but this deployment has {self.num_nodes} "
                               "partitions (SuperNodes)")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        config_file = write_run_config(self.runs_dir / f"run-{seq}.toml", overrides)
+        # The overridden keys with their resolved values: typed (a `--set` value is a string), names as resolved.
+        config_file = write_run_config(self.runs_dir / f"run-{seq}.toml", {key: cfg[key] for key in overrides})
         app = Path(app_dir).resolve() if app_dir is not None else self.app_dir
         run_id = self.cli.run(app, CONNECTION, config_file, timeout=timeout)
         self.runs[run_id] = SubmittedRun(config=cfg, output_dir=Path(cfg["output-dir"]))

@@ -42,10 +42,10 @@ import pytest
 from fedsparse import edge_proxy
 from fedsparse.certificates import NODE_CERT_NAME, DeploymentSecrets
 from fedsparse.config import flatten
-from fedsparse.deploy import compare_bytes
+from fedsparse.deploy import compare_bytes, report
 from fedsparse.deploy_processes import niceness_of, spawn
 from fedsparse.flower_cli import FINISHED_OK, Connection, FlowerCli, write_run_config
-from fedsparse.local_deployment import CONNECTION, PUBLIC_CONNECTION, LocalDeployment, Priorities
+from fedsparse.local_deployment import CONNECTION, PUBLIC_CONNECTION, LocalDeployment, Priorities, SubmittedRun
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.insecure.yml", "docker-compose.gpu.yml"]
@@ -355,11 +355,12 @@ def test_submit_sends_only_overrides_under_namespaced_names(tmp_path):
         pytest.skip("needs the flower executables")
     dep = LocalDeployment(nodes=2, workdir=tmp_path, log=None)  # not started: submit talks only to the CLI
     dep.cli = _RecordingCli()
-    run_id = dep.submit({"sparsity": 0.8, "num-rounds": 2, "output-dir": "rel"})
+    run_id = dep.submit({"sparsity": "0.8", "num-rounds": "2", "output-dir": "rel"})  # strings, as from --set
     sent = dep.cli.sent
     assert run_id == 7 and dep.runs[7].output_dir == Path("rel").resolve()
     assert sent["sparse.sparsity"] == 0.8 and "sparsity" not in sent  # the old name travels under the new one
-    assert sent["num-clients"] == sent["min-clients"] == 2 and sent["num-rounds"] == 2
+    assert sent["num-clients"] == sent["min-clients"] == 2 and sent["num-rounds"] == 2  # typed: 2, not "2"
+    assert type(sent["num-rounds"]) is int and type(sent["sparse.sparsity"]) is float
     assert sent["output-dir"] == str(Path("rel").resolve())
     assert "lr" not in sent and "sparse.mask-scope" not in sent  # pyproject.toml supplies what is not overridden
 
@@ -390,10 +391,41 @@ def test_secrets_are_made_once_and_an_added_node_gets_only_a_key(tmp_path):
         secrets.node_key(0)
 
 
+class _FinishedRun:
+    """What `report` reads of a deployment: one finished run's summary, rounds and output folder."""
+
+    def __init__(self, summary: dict, seconds: list[float], output_dir: Path) -> None:
+        self._summary, self._seconds = summary, seconds
+        self.runs = {5: SubmittedRun(config={}, output_dir=output_dir)}
+
+    def summary(self, run_id: int) -> dict:
+        return self._summary
+
+    def round_rows(self, run_id: int) -> list[dict[str, float]]:
+        return [{"seconds": s} for s in self._seconds]
+
+
+def test_report_compares_our_bytes_with_flowers(tmp_path):
+    summary = {"bytes_down": 1000, "oneoff_down": 0, "bytes_up": 500, "oneoff_up": 100, "final_accuracy": 0.5,
+               "rounds": 2, "failures": []}
+    status = {"status": FINISHED_OK, "network-traffic": {"outbound-bytes": 1100, "inbound-bytes": 660}}
+    b = compare_bytes(summary, status)
+    assert (b["counted_down"], b["counted_up"], b["flower_total"]) == (1000, 600, 1760)
+    assert b["overhead_down"] == pytest.approx(0.1) and b["overhead_up"] == pytest.approx(0.1)
+    assert b["overhead"] == pytest.approx(0.1)
+    text = report(_FinishedRun(summary, [3.0, 1.0, 2.0], tmp_path), 5, status)
+    assert "final accuracy 50.00%" in text and "+10.00%" in text
+    assert "seconds per round: 3.0, 1.0, 2.0" in text and "mean of later rounds 1.5" in text
+
+
 def test_spawn_sets_a_niceness_relative_to_ours(tmp_path):
     sleeper = spawn("sleeper", ["sleep", "60"], cwd=tmp_path, log_path=tmp_path / "sleeper.log",
                     env=dict(os.environ), niceness=3)
     try:
+        # `nice` sets the niceness, then execs the command: check once the pid runs `sleep`.
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{sleeper.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert niceness_of(sleeper.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
     finally:
         sleeper.stop()
