@@ -11,7 +11,7 @@ i.e. run code on the server and on every node. The proxy splits the port:
 - `/v1/runtime/` on neither: SuperExecs dial the SuperLink directly on the private network.
 
 One template, `deploy/edge/nginx.conf.template`, is rendered two ways: `render_local` for real processes on
-loopback (`fedsparse.deploy.LocalDeployment(edge_proxy=True)`), `render_compose` for the `edge` service of
+loopback (`fedsparse.local_deployment.LocalDeployment(edge_proxy=True)`), `render_compose` for the `edge` service of
 `docker-compose.yml` (committed as `deploy/edge/nginx-compose.conf`; a test checks it equals the rendering).
 Regenerate that file with `python -m fedsparse.edge_proxy --compose > deploy/edge/nginx-compose.conf`.
 """
@@ -107,7 +107,8 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def write_local_config(workdir: Path, **ports_and_certs: object) -> Path:
+def write_local_config(workdir: Path, *, public_port: int, operator_port: int, superlink_port: int,
+                       certs: Path) -> Path:
     """Render `render_local` into `workdir/nginx.conf`, create its folders, and check it with `nginx -t`."""
     nginx = nginx_binary()
     if nginx is None:
@@ -115,7 +116,8 @@ def write_local_config(workdir: Path, **ports_and_certs: object) -> Path:
     workdir = Path(workdir).resolve()
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     config = workdir / "nginx.conf"
-    config.write_text(render_local(workdir, **ports_and_certs))  # type: ignore[arg-type]
+    config.write_text(render_local(workdir, public_port=public_port, operator_port=operator_port,
+                                   superlink_port=superlink_port, certs=certs))
     check = subprocess.run([nginx, "-t", "-q", *server_args(workdir)], check=False, capture_output=True,
                            text=True, timeout=60)
     if check.returncode != 0:
