@@ -224,3 +224,30 @@ def test_ssfl_learns_as_well_in_int8_as_in_float32(tmp_path):
     assert results["int8"]["final_accuracy"] > 0.6  # chance is 0.1
     assert results["int8"]["final_accuracy"] >= results["float32"]["final_accuracy"] - 0.02
     assert results["int8"]["bytes_up"] < 0.3 * results["float32"]["bytes_up"]
+
+
+def test_a_mask_strategy_sends_and_aggregates_int8(task_identity):
+    """Through a strategy's own hooks (tests.test_strategies' fake grid): the model goes down in int8 with its scales
+    and `value-dtype` int8 in the config; int8 updates of 2x and 4x the model (5 and 15 examples) move it by about
+    3.5x, within the rounding of the sent model and of the updates; a reply with a zero scale is rejected and the
+    round goes on with the other."""
+    from tests.test_strategies import aggregate, client_reply, make_strategy, reasons
+
+    strategy, state = make_strategy("random", nodes=(1, 2, 3), **{"sparse.value-dtype": "int8", "sparsity": 0.9})
+    down = strategy.plans[1].messages[0].content
+    assert down["config"]["value-dtype"] == "int8" and sorted(down["arrays"]) == sorted(transport.payload_keys("int8"))
+    replies = [client_reply(strategy, state, 1, 5, 2.0, "int8"), client_reply(strategy, state, 2, 15, 4.0, "int8"),
+               client_reply(strategy, state, 3, 10, 3.0, "int8")]
+    replies[2].content["arrays"]["dense-scale"] = Array(np.zeros(1, dtype=np.float32))
+    new, metrics = aggregate(strategy, replies)
+    assert metrics["accepted"] == 2 and "'dense-scale'" in reasons(strategy)
+    n_values, n_dense = sparse.num_values(strategy.layout, strategy.masks)
+    assert metrics["logical_up"] == 2 * transport.logical_payload_bytes(strategy.layout, strategy.masks, "int8")
+    assert metrics["logical_up"] == 2 * (n_values + n_dense + 4 * (math.ceil(n_values / 256) +
+                                                                    math.ceil(n_dense / 256)))
+    values, dense = sparse.gather(state, strategy.layout, strategy.masks)
+    got_values, got_dense = sparse.gather(new, strategy.layout, strategy.masks)
+    for sent, got in ((values, got_values), (dense, got_dense)):
+        # each update (1x and 3x the model) is off by at most half its block's scale: <= 3 x peak / 254 per value
+        bound = block_scales_per_value(quantize_int8(3 * sent)) * 0.5 + 1e-6
+        assert bool(((got - 3.5 * sent).abs() <= bound).all())
