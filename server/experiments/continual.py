@@ -1,7 +1,8 @@
 """The continual experiment: one phase of FedAvg rounds per task of a stream, with a continual method.
 
-`build_continual(cfg)` (registered as EXPERIMENTS["continual"]) makes one `Phase` per task of `cl.stream`, each of
-`cl.rounds-per-task` rounds of a fresh FedAvg, evaluated after every round on every task seen so far
+`ContinualExperiment(cfg)` (registered as EXPERIMENTS["continual"]; `build_continual(cfg)` makes one) has one
+`Phase` per task of `cl.stream`, each of `cl.rounds-per-task` rounds of a fresh `ContinualFedAvg` (FedAvg whose
+train messages are `train.continual` and carry the run's round), evaluated after every round on every task seen so far
 (`acc/<task>`, `loss/<task>`; the current task's evaluator first, so `test_accuracy` follows it). The method
 `cl.method` decides the hooks:
 - `finetune`: none (plain FedAvg through the tasks).
@@ -9,9 +10,9 @@
   `after_round` averages theta <- (1 - beta) theta + beta anchor after every max(1, round(p R)) rounds of a task of
   R rounds and at its last round (not during the first task).
 - `sfa-client`, `l2`, `ewc`: `on_start` installs the anchor (the global model at the task's start, i.e. the previous
-  task's final model) on every client with `query.cl-anchor` (ewc: with the aggregated Fisher); the clients'
+  task's final model) on every client with `query.cl_anchor` (ewc: with the aggregated Fisher); the clients'
   procedure (`fedsparse.continual.procedure`) averages or penalises against it. For ewc, `on_end` asks every client
-  for its diagonal Fisher on the task's data (`query.cl-fisher`), averages them weighted by examples and adds the
+  for its diagonal Fisher on the task's data (`query.cl_fisher`), averages them weighted by examples and adds the
   result to the Fishers of the earlier tasks (online EWC).
 - `replay`: nothing on the server; each client keeps its own buffer of past-task examples.
 All one-off exchanges go through the phase's (counting) grid, so their bytes are in the run's accounting.
