@@ -430,9 +430,9 @@ RUN = {"experiment": "continual", "dataset": "digits", "model": "mlp", "num-clie
 
 def _run_config(out, method: str, rounds: int, **cl: object) -> dict:
     # num-rounds = the two tasks' rounds: fedsparse.resume compares it with the rounds a checkpoint holds
-    return resolve({**RUN, "output-dir": str(out), "num-rounds": 2 * rounds, "cl": {"stream": "split-digits", "method": method,
-                                                          "rounds-per-task": rounds, "train-size": 0, "test-size": 0,
-                                                          "replay-size": 30, "fisher-examples": 20, **cl}})
+    cl_keys = {"stream": "split-digits", "method": method, "rounds-per-task": rounds, "train-size": 0,
+               "test-size": 0, "replay-size": 30, "fisher-examples": 20, **cl}
+    return resolve({**RUN, "output-dir": str(out), "num-rounds": 2 * rounds, "cl": cl_keys})
 
 
 def _two_tasks(experiment_cls):

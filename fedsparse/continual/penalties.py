@@ -57,7 +57,8 @@ class QuadraticPenalty:
         if self.strength < 0:
             raise ValueError(f"penalty strength must be >= 0, got {self.strength}")
         if self.weights is not None and set(self.weights) - set(self.anchor):
-            raise ValueError(f"weights for parameters without an anchor: {sorted(set(self.weights) - set(self.anchor))}")
+            extra = sorted(set(self.weights) - set(self.anchor))
+            raise ValueError(f"weights for parameters without an anchor: {extra}")
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """The penalty's value at the model's current parameters (a scalar tensor with a graph)."""
