@@ -22,8 +22,8 @@ training / 1000 test images a task, 10 rounds a task of 1 local epoch (batch 32,
 0.001, adatam 0.0001: at 0.001 it stays at chance, as in bench_optim). Method knobs: SFA p 0.5, beta 0.25 (server-
 and client-side); L2 lambda 0.1, EWC lambda 10 centralised (the centralised demo's picks) and L2 1, EWC 100
 federated (one-seed pilots: 0.1 and 10 barely act over a federated task's few local steps; EWC 1000 diverges);
-replay 200 examples a client (centralised: 200 in all, federated: 2000 over the 10 clients). No tuning on a validation split: every knob was picked from a handful of
-one-seed runs, on test accuracy.
+replay 200 examples a client (centralised: 200 in all, federated: 2000 over the 10 clients). No tuning on a
+validation split: every knob was picked from a handful of one-seed runs, on test accuracy.
 
     .venv/bin/python simulations/bench_continual.py                      # everything (~20-25 min, 2 cores)
     .venv/bin/python simulations/bench_continual.py --parts methods --seeds 0
