@@ -501,3 +501,31 @@ def test_a_continual_run_killed_mid_task_and_resumed_ends_bit_identical(tmp_path
         forgetful_cfg = _run_config(tmp_path / "forgetful", method, 3) | {"resume": True}
         run_federation(AppGrid(forgetful_cfg, 3), forgetful_cfg)
         assert not _same(whole, torch.load(tmp_path / "forgetful" / "final_model.pt"))
+
+
+@pytest.mark.parametrize("preset", ["cl-domains", "cl-split-fmnist", "cl-permuted-fmnist"])
+def test_presets_resolve_and_num_rounds_covers_every_task(preset):
+    import tomllib
+
+    from tests.conftest import REPO, SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data")
+    cfg = resolve(tomllib.loads((REPO / "simulations" / "presets" / f"{preset}.toml").read_text()))
+    assert cfg["experiment"] == "continual" and cfg["cl.stream"] == preset.removeprefix("cl-")
+    assert cfg["num-rounds"] == len(stream_task_names(cfg["cl.stream"], cfg)) * cfg["cl.rounds-per-task"]
+
+
+@pytest.mark.slow
+def test_fedsparse_run_of_a_continual_experiment_on_ray(tmp_path):
+    """The Flower simulation path: Ray clients, the one-off queries (anchor, Fisher), the files a run writes."""
+    import json
+
+    from tests.conftest import fedsparse_run
+
+    fedsparse_run(tmp_path / "run", "experiment=continual", "dataset=digits", "model=mlp", "num-clients=3",
+                  "partitioner=iid", "num-rounds=10", "cl.stream=split-digits", "cl.method=ewc",
+                  "cl.rounds-per-task=2", "cl.train-size=0", "cl.test-size=0", "cl.fisher-examples=20")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["accuracy_matrix"]) == 5 and summary["bytes_oneoff"] > 0  # anchors and Fishers counted
+    assert (tmp_path / "run" / "accuracy_matrix.png").exists()
