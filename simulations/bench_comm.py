@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from fedsparse.config import resolve
 from fedsparse.models import build_model, maskable_names
 from fedsparse.results import load_run, run_label
 from server.grid import CountingGrid
-from server.strategies import STRATEGIES
+from server.strategies import STRATEGIES, FedAvg
 from server.strategies.topk import logical_update_bytes
 
 MODELS = {"cnn": ((1, 28, 28), 10), "resnet18": ((3, 32, 32), 10)}
@@ -47,7 +48,8 @@ PAYLOAD_NOTE = (
     "float32 FedAvg / this; limit = values x value bits + dense tensors (fixed mask) or n H(d) + kept x value bits "
     "(top-k); one-off per client includes node discovery. ssfl, random and magnitude share the per-round bytes; "
     "magnitude's dense float32 warm-up rounds (warmup-rounds, default 1) are rounds like fedavg's, not in its "
-    "one-off column."
+    "one-off column. A magnitude row is missing where a global magnitude mask of the initial weights at that "
+    "density would leave a layer empty (the strategy refuses it); its per-round bytes are ssfl's and random's."
 )
 RUNS_NOTE = (
     "Per round: measured compute seconds + (bytes down + up) / clients x 8 / rate (the clients of a round transfer "
@@ -75,6 +77,25 @@ STRATEGY_KEYS = {  # each strategy's own keys (a key it does not read must stay 
     "ssfl": masked_keys, "random": masked_keys, "magnitude": masked_keys,
     "topk": lambda density, dtype: {"sparse.topk-density": density, "sparse.value-dtype": dtype},
 }
+
+
+@dataclass(frozen=True)
+class OneOff:
+    """One-off bytes per client (discovery, saliency round, mask install): serialized and logical, down and up."""
+
+    down: int
+    up: int
+    logical_down: int = 0
+    logical_up: int = 0
+
+
+@dataclass(frozen=True)
+class FirstRound:
+    """A strategy after its one-off exchanges, its first sparse round's train message and the one-off bytes."""
+
+    strategy: FedAvg
+    message: Message
+    one_off: OneOff
 
 
 def outside_an_app() -> None:
@@ -115,10 +136,10 @@ class OneClientGrid:
 
 
 def first_sparse_round(name: str, model: str, state: sparse.State, maskable: list[str], density: float,
-                       dtype: str):
+                       dtype: str) -> FirstRound:
     """The strategy `name` and its first round's train message, made by the strategy itself (configure_train on a
-    one-client grid, counted by a CountingGrid): for magnitude the round after its dense warm-up. Returns the
-    strategy, the message and the one-off bytes (down, up) its exchanges moved."""
+    one-client grid, counted by a CountingGrid): for magnitude the round after its dense warm-up; with the
+    serialized one-off bytes its exchanges moved."""
     cfg = resolve({"strategy": name, "model": model, "num-clients": 4, "min-clients": 1,
                    **STRATEGY_KEYS[name](density, dtype)})
     strategy = STRATEGIES[name].from_config(cfg, maskable)
@@ -126,13 +147,12 @@ def first_sparse_round(name: str, model: str, state: sparse.State, maskable: lis
     server_round = 1 + (cfg["sparse.warmup-rounds"] if name == "magnitude" else 0)
     for r in range(1, server_round + 1):
         (message,) = strategy.configure_train(r, ArrayRecord(state), ConfigRecord(), grid)
-    one_off = grid.one_off()
-    return strategy, message, (one_off.down, one_off.up)
+    return FirstRound(strategy, message, OneOff(grid.one_off().down, grid.one_off().up))
 
 
 def row(model: str, strategy: str, density: float, dtype: str, layout: sparse.Layout, payload_down: ArrayRecord,
         config_down: ConfigRecord, payload_up: ArrayRecord, fp: str, logical_down: int, logical_up: int,
-        arrays_up: int, limit_up: float, oneoff: tuple[int, int, int, int]) -> dict:
+        arrays_up: int, limit_up: float, oneoff: OneOff) -> dict:
     down = payload_down.count_bytes() + config_down.count_bytes()
     up = transport.content_bytes(RecordDict({"arrays": payload_up, "metrics": metrics_up(),
                                              "config": ConfigRecord({"mask-fingerprint": fp})}))
@@ -141,8 +161,8 @@ def row(model: str, strategy: str, density: float, dtype: str, layout: sparse.La
         "params": layout.num_maskable + layout.num_dense,
         "down": down, "up": up, "logical_down": logical_down, "logical_up": logical_up,
         "payload_up": payload_up.count_bytes(), "arrays_up": arrays_up,
-        "oneoff_down": oneoff[0], "oneoff_up": oneoff[1], "oneoff_logical_down": oneoff[2],
-        "oneoff_logical_up": oneoff[3], "limit_up": limit_up,
+        "oneoff_down": oneoff.down, "oneoff_up": oneoff.up, "oneoff_logical_down": oneoff.logical_down,
+        "oneoff_logical_up": oneoff.logical_up, "limit_up": limit_up,
     }
 
 
@@ -154,21 +174,22 @@ def masked_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[
     cases = [("fedavg", 1.0, "float32")] + [(name, density, dtype) for density in MASK_DENSITIES for dtype in DTYPES
                                             for name in MASKED]
     for name, density, dtype in cases:
-        s, message, (oneoff_down, oneoff_up) = first_sparse_round(name, model, state, maskable, density, dtype)
+        try:
+            first = first_sparse_round(name, model, state, maskable, density, dtype)
+        except sparse.MaskError as err:  # magnitude: its mask comes from the weights, which may not allow it
+            print(f"{model} {name} d={density:g} {dtype}: no row ({err})")
+            continue
+        s, message = first.strategy, first.message
         payload = message.content["arrays"]
         logical = s.logical_bytes()
-        saliency = oneoff_saliency(s, state) if name == "ssfl" else (0, 0, 0, 0)
+        # logical one-off: SSFL's dense float32 model down and float32 scores up, the mask's bits down
+        saliency_down = transport.logical_payload_bytes(layout, None, "float32") if name == "ssfl" else 0
+        saliency_up = 4 * layout.num_maskable if name == "ssfl" else 0
         bits = sparse.pack_mask(s.masks, layout).size if s.masks is not None else 0
-        oneoff = (oneoff_down, oneoff_up, saliency[2] + bits, saliency[3])
+        oneoff = OneOff(first.one_off.down, first.one_off.up, saliency_down + bits, saliency_up)
         rows.append(row(model, name, density, dtype, layout, payload, message.content["config"], payload,
                         s.fingerprint, logical, logical, 2, logical, oneoff))
     return rows
-
-
-def oneoff_saliency(strategy, state: sparse.State) -> tuple[int, int, int, int]:
-    """SSFL's saliency round per client: the float32 model down, float32 scores up (logical bytes only)."""
-    layout = strategy.layout
-    return 0, 0, transport.logical_payload_bytes(layout, None, "float32"), 4 * layout.num_maskable
 
 
 def topk_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[dict]:
@@ -178,14 +199,15 @@ def topk_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[di
     n = update.size
     for density in TOPK_DENSITIES:
         for dtype in DTYPES:
-            s, message, oneoff = first_sparse_round("topk", model, state, list(layout.maskable), density, dtype)
+            first = first_sparse_round("topk", model, state, list(layout.maskable), density, dtype)
+            s, message = first.strategy, first.message
             buf, _ = topk.encode_topk_update(update, None, density, dtype)  # the client's own code path
             header = codec.read_header(buf, max_elements=n)
             bits = codec.entropy_bound_bits(n, header.kept)  # a mask that changes every round: n H(d)
             value_bytes = transport.VALUE_BYTES[dtype]
             r = row(model, "topk", density, dtype, layout, message.content["arrays"], message.content["config"],
                     transport.topk_arrays(buf), sparse.NO_MASK, s.logical_bytes(),
-                    logical_update_bytes(header), 1, bits / 8 + header.kept * value_bytes, (*oneoff, 0, 0))
+                    logical_update_bytes(header), 1, bits / 8 + header.kept * value_bytes, first.one_off)
             r.update(kept=header.kept, layout=header.layout, fedlab_up=codec.fedlab_topk_bytes(header.kept))
             rows.append(r)
     return rows
