@@ -74,8 +74,8 @@ def save_replay(state: RecordDict, replay: ReplayIndex) -> None:
     state[REPLAY_INFO] = ConfigRecord(scalars)
 
 
-def replay_seed(cfg: dict, partition_id: int) -> int:
-    """The seed of a client's replay buffer: one per (run seed, client)."""
+def client_seed(cfg: dict, partition_id: int) -> int:
+    """A client's seed for its replay buffer and its Fisher's sampled labels: one per (run seed, client)."""
     return (cfg["seed"] * 1_000_003 + partition_id * 7919 + 17) % (2**63)
 
 
@@ -103,7 +103,7 @@ def fisher(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int)
     net, _ = model_and_layout(cfg)
     net.load_state_dict(content["model"].to_torch_state_dict())
     x, y = client_data(task, cfg, partition_id)
-    estimate = estimate_fisher(net, x, y, max_examples=limit, seed=replay_seed(cfg, partition_id),
+    estimate = estimate_fisher(net, x, y, max_examples=limit, seed=client_seed(cfg, partition_id),
                                device=pick_device(cfg["device"]))
     return RecordDict({
         "fisher": ArrayRecord({key: Array(value.numpy()) for key, value in estimate.diagonal.items()}),
@@ -123,7 +123,7 @@ def continual_procedure(content: RecordDict, state: RecordDict, cfg: dict, parti
     replay_data = None
     if settings.method == "replay":
         replay = client_state.replay or ReplayIndex(ReplayBuffer(settings.replay_size,
-                                                                 seed=replay_seed(cfg, partition_id)))
+                                                                 seed=client_seed(cfg, partition_id)))
         replay.note_task(task, lambda name: client_data(name, cfg, partition_id)[1])
         save_replay(state, replay)
         if len(replay.buffer):
