@@ -128,8 +128,10 @@ def method_overrides(method: str, penalty: dict[str, float]) -> dict:
 
 
 def mean_sd(values: list[float]) -> str:
-    """'mean +- sd' in points (sd over seeds, ddof 1; '-' for one seed)."""
-    points = 100 * np.asarray(values)
+    """'mean +- sd' in points (sd over seeds, ddof 1; '-' for one seed); 'diverged (k of n)' if any run did."""
+    points = 100 * np.asarray(values, dtype=float)
+    if np.isnan(points).any():
+        return f"diverged ({int(np.isnan(points).sum())} of {len(points)})"
     spread = f"{points.std(ddof=1):.1f}" if len(points) > 1 else "-"
     return f"{points.mean():.1f} +- {spread}"
 
@@ -171,8 +173,9 @@ def part_methods(args: argparse.Namespace, scratch: Path) -> None:
                                    "seed": seed,
                                    "cl.stream": args.stream}, scratch / f"{setting}-{method}-{seed}")
                 summary = result["summary"]
-                write_matrix_csv(args.out / "matrices" / f"{setting}_{method}_s{seed}.csv", result["matrix"],
-                                 result["tasks"])
+                if not np.isnan(summary["average_accuracy"]):  # a diverged run has no matrix
+                    write_matrix_csv(args.out / "matrices" / f"{setting}_{method}_s{seed}.csv", result["matrix"],
+                                     result["tasks"])
                 runs.append({"setting": setting, "method": method, "seed": seed,
                              "average_accuracy": summary["average_accuracy"],
                              "average_forgetting": summary["average_forgetting"],
