@@ -1,6 +1,6 @@
 """What a client does for each message action, as plain functions over records.
 
-`HANDLERS` maps a Flower message type ("train", "evaluate", "query.<name>") to a handler
+`HANDLERS` maps a Flower message type ("train", "train.<name>", "query.<name>") to a handler
 `(content, state, cfg, partition_id) -> RecordDict`. The ClientApp (`client.client_app`) only looks the handler up; a
 new strategy that needs a new client action registers one with `@handler("query.<name>")` (here, or in its own
 module of `client/` that `client.client_app` imports, as `client.continual` does).
@@ -31,7 +31,7 @@ from fedsparse import sparse, transport
 from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.topk import encode_topk_update
-from fedsparse.train import Objective, StepCallback, TrainConfig, evaluate, pick_device, saliency_scores, train_local
+from fedsparse.train import Objective, StepCallback, TrainConfig, pick_device, saliency_scores, train_local
 from fedsparse.transport import TOPK_RESIDUAL, topk_arrays
 
 Handler = Callable[[RecordDict, RecordDict, dict, int], RecordDict]
@@ -186,15 +186,6 @@ def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) 
         "config": ConfigRecord({"mask-fingerprint": fp, "server-round": int(content["config"]["server-round"])}),
     })
     return reply
-
-
-@handler("evaluate")
-def evaluate_local(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
-    """Loss and accuracy of the received model on this client's held-out share of the message's task."""
-    net, *_ = _load(content, state, cfg)
-    x, y = client_data(cfg, task_of(content, cfg), partition_id, "val")
-    loss, acc = evaluate(net, x, y, device=pick_device(cfg["device"]))
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": acc})})
 
 
 @handler("query.saliency")

@@ -38,6 +38,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block scales (fedsparse.transport)
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+SALIENCY_AGGREGATIONS = ("weighted", "mean")
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
@@ -178,7 +179,7 @@ SCHEMA: dict[str, Key] = {
                              rule="in (0, 1]"),
     "sparse.saliency-batches": Key(int, 1, "minibatches per client for the saliency score", check=lambda v: v >= 1,
                             rule=">= 1"),
-    "sparse.saliency-aggregation": Key(str, "weighted", "how the server averages client scores", ("weighted", "mean")),
+    "sparse.saliency-aggregation": Key(str, "weighted", "how the server averages client scores", SALIENCY_AGGREGATIONS),
     "sparse.value-dtype": Key(str, "float32", "precision of values on the wire (sparse strategies)", VALUE_DTYPES),
     "sparse.warmup-rounds": Key(int, 1, "magnitude: dense rounds before the mask is fixed", check=lambda v: v >= 0,
                          rule=">= 0"),

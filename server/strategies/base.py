@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsparse import replies, sparse, transport
+from fedsparse.config import AGGREGATIONS
 from fedsparse.replies import NodeInfo
 from fedsparse.sparse import coordinate_median, trimmed_mean, weighted_mean
 from fedsparse.transport import ReplyError
@@ -48,7 +49,6 @@ from server.strategies.nodes import (
 
 log = logging.getLogger("fedsparse")
 
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
 MAX_EXAMPLES = 2**62
 
 

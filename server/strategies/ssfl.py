@@ -10,11 +10,10 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsparse import replies, sparse, transport
+from fedsparse.config import SALIENCY_AGGREGATIONS
 from server.strategies.base import ReplyError, weighted_mean
 from server.strategies.masked import MaskedFedAvg
 from server.strategies.nodes import sample_partitions
-
-SALIENCY_AGGREGATIONS = ("weighted", "mean")
 
 
 class SSFL(MaskedFedAvg):
