@@ -189,6 +189,8 @@ SCHEMA: dict[str, Key] = {
     "cl.stream": Key(str, "domains", "task stream (fedsparse.tasks.STREAMS)", CL_STREAMS),
     "cl.method": Key(str, "finetune", "continual method", CL_METHODS),
     "cl.rounds-per-task": Key(int, 5, "federated rounds on each task", check=lambda v: v >= 1, rule=">= 1"),
+    "cl.num-tasks": Key(int, 0, "train on the stream's first N tasks (0 = all)", check=lambda v: v >= 0,
+                        rule=">= 0"),
     "cl.sfa-p": Key(float, 0.25, "SFA: average every p x the task's rounds (sfa) or local steps (sfa-client), "
                     "and at the task's end", check=_in_unit_open, rule="in (0, 1]"),
     "cl.sfa-beta": Key(float, 0.25, "SFA: weight of the previous task's model in the average",

@@ -100,6 +100,11 @@ def check_run_settings(cfg: dict) -> None:
             check_density(layout, 1.0 - cfg["sparse.sparsity"], cfg["sparse.mask-scope"])
         except MaskError as err:
             raise ConfigError(f"config key 'sparse.sparsity': {err}") from err
+    from server.experiments import EXPERIMENTS
+
+    check_experiment = getattr(EXPERIMENTS[cfg["experiment"]], "check_config", None)
+    if check_experiment is not None:  # an experiment's own settings (the continual stream, its rounds)
+        check_experiment(cfg)
 
 
 def preflight(cfg: dict) -> None:

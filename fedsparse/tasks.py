@@ -93,8 +93,15 @@ def _stream(stream: str, settings: StreamSettings) -> tuple[Task, ...]:
 
 
 def stream_tasks(stream: str, cfg: dict) -> list[Task]:
-    """Every task of `stream`, in training order, under the run config's caps and seed."""
-    return list(_stream(stream, StreamSettings.of(cfg)))
+    """The tasks of `stream` in training order (the first `cl.num-tasks`, 0 = all), under the run config's caps
+    and seed."""
+    tasks = list(_stream(stream, StreamSettings.of(cfg)))
+    count = cfg.get("cl.num-tasks", 0)
+    if count > len(tasks):
+        from fedsparse.config import ConfigError  # config reads this module's STREAMS
+
+        raise ConfigError(f"config key 'cl.num-tasks': {count} is more than the {len(tasks)} tasks of stream {stream}")
+    return tasks[:count] if count else tasks
 
 
 def stream_task_names(stream: str, cfg: dict) -> list[str]:

@@ -161,9 +161,9 @@ def run_federation(grid, run_config: dict) -> dict:
             server_round = offset - phase.rounds + phase_round
             start = time.perf_counter()
             before = counting.rounds()
-            messages = list(strategy.configure_train(phase_round, arrays, ConfigRecord(dict(extra)), counting))
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(extra)), counting))
             received = list(counting.send_and_receive(messages, timeout=cfg["round-timeout"])) if messages else []
-            new_arrays, metrics = strategy.aggregate_train(phase_round, received)
+            new_arrays, metrics = strategy.aggregate_train(server_round, received)
             new_failures = strategy.failures.take()
             for failure in new_failures:
                 failure.setdefault("round", server_round)

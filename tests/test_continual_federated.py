@@ -278,7 +278,9 @@ def _experiment(**cl: object):
     overrides = {"experiment": "continual", "dataset": "digits", "model": "mlp", "num-clients": 3,
                  "partitioner": "iid", "cl": {"stream": "split-digits", "train-size": 0, "test-size": 0,
                                               **{key.replace("_", "-"): value for key, value in cl.items()}}}
-    return ContinualExperiment(resolve(overrides))
+    cfg = resolve(overrides)
+    tasks = len(stream_task_names(cfg["cl.stream"], cfg))
+    return ContinualExperiment(resolve({**overrides, "num-rounds": tasks * cfg["cl.rounds-per-task"]}))
 
 
 def _context(experiment, phase_index: int, state: dict[str, torch.Tensor], grid=None):
@@ -430,7 +432,7 @@ RUN = {"experiment": "continual", "dataset": "digits", "model": "mlp", "num-clie
 
 def _run_config(out, method: str, rounds: int, **cl: object) -> dict:
     # num-rounds = the two tasks' rounds: fedsparse.resume compares it with the rounds a checkpoint holds
-    cl_keys = {"stream": "split-digits", "method": method, "rounds-per-task": rounds, "train-size": 0,
+    cl_keys = {"stream": "split-digits", "num-tasks": 2, "method": method, "rounds-per-task": rounds, "train-size": 0,
                "test-size": 0, "replay-size": 30, "fisher-examples": 20, **cl}
     return resolve({**RUN, "output-dir": str(out), "num-rounds": 2 * rounds, "cl": cl_keys})
 
@@ -529,3 +531,14 @@ def test_fedsparse_run_of_a_continual_experiment_on_ray(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["accuracy_matrix"]) == 5 and summary["bytes_oneoff"] > 0  # anchors and Fishers counted
     assert (tmp_path / "run" / "accuracy_matrix.png").exists()
+
+
+@pytest.mark.parametrize("setting,key", [("num-rounds=3", "'num-rounds'"), ("strategy=ssfl", "'strategy'"),
+                                         ("cl.num-tasks=9", "'cl.num-tasks'")])
+def test_continual_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, setting, key):
+    from fedsparse.cli import main as cli_main
+
+    base = ["experiment=continual", "dataset=digits", "model=mlp", "num-clients=3", "partitioner=iid",
+            "cl.stream=split-digits", "cl.rounds-per-task=1", "num-rounds=5"]
+    assert cli_main(["run", "--set", *base, setting, "--out", str(tmp_path / "run")]) == 2
+    assert key in capsys.readouterr().err

@@ -264,7 +264,7 @@ def test_an_experiment_runs_its_phases_with_their_hooks_and_columns(task_identit
     assert [(r["round"], r["phase"]) for r in rows] == [(1, "first"), (2, "first"), (3, "second")]
     assert summary["two_phases_seen"] == [["start", 0, [0, 1, 2]], ["end", 0, 3], ["start", 1, [0, 1, 2]],
                                           ["after", 1, 1]]
-    assert [c["server-round"] for c in sent_configs] == [1, 1, 1, 2, 2, 2, 1, 1, 1]  # each phase from its round 1
+    assert [c["server-round"] for c in sent_configs] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # the run's rounds, not the phase's
     assert [c.get("procedure") for c in sent_configs] == [None] * 6 + ["plain"] * 3
     assert "task" not in sent_configs[0]  # the task is the dataset: nothing extra on the wire
     assert rows[0]["acc/half"] != rows[0]["acc/half"] and rows[2]["acc/half"] == rows[2]["acc/half"]  # NaN, then set

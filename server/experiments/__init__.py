@@ -6,8 +6,10 @@ the global model after every round and optional hooks for one-off exchanges at i
 server-side step after each round.
 
 Invariants the runner keeps:
-- Rounds are numbered globally (1, 2, ... over all phases: rounds.csv's `round`); a strategy sees the phase's own
-  round numbers (1 .. phase.rounds), as it would under `Strategy.start`.
+- Rounds are numbered by the run (1, 2, ... over all phases: rounds.csv's `round`), and a phase's strategy is
+  called with those numbers: train messages carry the run's round, so client state keyed by it (`client.state`)
+  never goes back at a new phase, and sampling and seeds differ from phase to phase. Hooks get the round within
+  the phase (1 .. phase.rounds). A one-phase run numbers its rounds 1 .. R, as `Strategy.start` does.
 - The global model carries over from one phase to the next; `ctx.arrays` is that model at every hook.
 - Hook order within a phase: `on_start` (before its first round), then per round configure_train -> send ->
   aggregate_train -> `after_round` -> evaluators, and after the phase's last round `on_end`, then the checkpoint.

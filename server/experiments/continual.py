@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -123,50 +122,26 @@ class ContinualFedAvg(FedAvg):
     """FedAvg whose train messages are `train.continual`: the client trains with the continual method's procedure
     (`client.continual.continual_train`); aggregation, validation and byte accounting are FedAvg's.
 
-    The runner hands a phase's strategy the phase's own round numbers (1 .. rounds); this one adds `round_offset`
-    (the rounds of the earlier tasks) before FedAvg sees them, so train messages carry the run's round: the
-    clients' state snapshots (`client.state`), keyed by that round, never see it go back at a new task, and client
+    Its rounds are the run's (the runner numbers a strategy's rounds across phases), so the clients' state
+    snapshots (`client.state`), keyed by the train message's round, never see it go back at a new task, and client
     sampling and seeds differ from task to task."""
 
     message_type = TRAIN_MESSAGE
-
-    def __init__(self, *, round_offset: int = 0, **kwargs: Any) -> None:
-        if round_offset < 0:
-            raise ValueError(f"round_offset must be >= 0, got {round_offset}")
-        super().__init__(**kwargs)
-        self.round_offset = round_offset
-
-    @classmethod
-    def from_config(cls, cfg: dict, maskable: list[str], round_offset: int = 0) -> ContinualFedAvg:
-        """The strategy of a resolved run config for a phase after `round_offset` rounds of earlier phases."""
-        return cls(maskable=maskable, round_offset=round_offset, **cls.config_arguments(cfg))
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
-                        ) -> Iterable[Message]:
-        """FedAvg's train messages of the run's round `round_offset + server_round`."""
-        return super().configure_train(self.round_offset + server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's aggregate of the run's round `round_offset + server_round`."""
-        return super().aggregate_train(self.round_offset + server_round, replies)
 
 
 class ContinualExperiment:
     """The phases of a continual run and the server-side state of its method (see the module docstring).
 
     `model` is the architecture at its initial weights for the stream's input shape (the runner starts from it);
-    `tasks` the stream's tasks in order; `strategy_factory(cfg, maskable, round_offset)` makes each phase's strategy
+    `tasks` the stream's tasks in order; `strategy_factory(cfg, maskable)` makes each phase's strategy
     (default `ContinualFedAvg.from_config`)."""
 
     config_namespaces: frozenset[str] = frozenset({"cl"})
 
-    def __init__(self, cfg: dict, *, strategy_factory: Callable[[dict, list[str], int], FedAvg] | None = None
+    def __init__(self, cfg: dict, *, strategy_factory: Callable[[dict, list[str]], FedAvg] | None = None
                  ) -> None:
-        check_method(cfg["cl.method"])
         self.cfg = cfg
-        self.tasks: list[Task] = stream_tasks(cfg["cl.stream"], cfg)
-        check_continual_config(cfg, self.tasks)
+        self.tasks: list[Task] = self.check_config(cfg)
         device = pick_device(cfg["device"])
         self.model: torch.nn.Module = build_model(cfg["model"], self.tasks[0].input_shape, NUM_CLASSES,
                                                   seed=cfg["seed"])
@@ -182,11 +157,26 @@ class ContinualExperiment:
             seen = [task, *self.tasks[:index]]  # the current task first: it is test_accuracy's evaluator
             self.phases.append(Phase(
                 name=f"task-{index + 1}:{task.name.partition(':')[2]}", task=task.name,
-                rounds=cfg["cl.rounds-per-task"], strategy=factory(cfg, maskable, first_round - 1),
+                rounds=cfg["cl.rounds-per-task"], strategy=factory(cfg, maskable),
                 evaluators=[TaskEvaluator(seen_task, device) for seen_task in seen],
                 client_config={"cl-task-index": index, "cl-first-round": first_round},
                 on_start=self.on_start, after_round=self.after_round, on_end=self.on_end))
             first_round += cfg["cl.rounds-per-task"]
+
+    @staticmethod
+    def check_config(cfg: dict) -> list[Task]:
+        """The stream's tasks; ConfigError naming the key when the settings cannot host them (the method, the
+        strategy, the dataset's input shape, `num-rounds` = tasks x `cl.rounds-per-task`). `fedsparse run` calls it
+        before Ray starts."""
+        check_method(cfg["cl.method"])
+        tasks = stream_tasks(cfg["cl.stream"], cfg)
+        check_continual_config(cfg, tasks)
+        wanted = len(tasks) * cfg["cl.rounds-per-task"]
+        if cfg["num-rounds"] != wanted:
+            raise ConfigError(f"config key 'num-rounds': the {cfg['cl.stream']} stream has {len(tasks)} tasks of "
+                              f"cl.rounds-per-task={cfg['cl.rounds-per-task']} rounds: set num-rounds={wanted} "
+                              f"(got {cfg['num-rounds']})")
+        return tasks
 
     @property
     def method(self) -> str:
