@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.handlers import handler, local_update, model_and_layout
-from fedsparse import transport
+from client.handlers import handler, local_update, model_and_layout, train_reply
 from fedsparse.continual.penalties import FisherEstimate, estimate_fisher
 from fedsparse.continual.procedure import (
     ContinualClientState,
@@ -147,13 +146,7 @@ def continual_train(content: RecordDict, state: RecordDict, cfg: dict, partition
     task; the reply is the plain train reply (the update as a payload, metrics, the echoed round)."""
     x, y = client_data(str(content["config"]["task"]), cfg, partition_id)
     procedure = continual_procedure(content, state, cfg, partition_id, x, y)
-    values, dense, fingerprint, metrics = local_update(content, state, cfg, partition_id,
-                                                       data=(procedure.x, procedure.y),
-                                                       objective=procedure.objective, callbacks=procedure.callbacks)
-    metrics["num-examples"] = len(y)
-    return RecordDict({
-        "arrays": transport.make_payload(values, dense, str(content["config"].get("value-dtype", "float32"))),
-        "metrics": metrics,
-        "config": ConfigRecord({"mask-fingerprint": fingerprint,
-                                "server-round": int(content["config"]["server-round"])}),
-    })
+    update = local_update(content, state, cfg, partition_id, data=(procedure.x, procedure.y),
+                          objective=procedure.objective, callbacks=procedure.callbacks)
+    update.metrics["num-examples"] = len(y)  # the task's examples weigh the update, not the replayed ones
+    return train_reply(update, content)

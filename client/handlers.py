@@ -21,6 +21,7 @@ the mask it used (`mask-fingerprint`): the server rejects a reply bound to anoth
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -116,14 +117,36 @@ def _masks_for(content: RecordDict, state: RecordDict, layout: sparse.Layout) ->
     return installed[0], wanted
 
 
-def _load(content: RecordDict, state: RecordDict, cfg: dict) -> tuple[torch.nn.Module, sparse.Layout,
-                                                                        sparse.Masks | None, str]:
+@dataclass(frozen=True)
+class ReceivedModel:
+    """The model a message carries, loaded into this process's network, and the mask its values are packed in."""
+
+    net: torch.nn.Module
+    layout: sparse.Layout
+    masks: sparse.Masks | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What local training produced: the masked-value and dense updates (float32), the fingerprint of the mask
+    they were made in, and the reply's metrics."""
+
+    values: torch.Tensor
+    dense: torch.Tensor
+    fingerprint: str
+    metrics: MetricRecord
+
+
+def receive_model(content: RecordDict, state: RecordDict, cfg: dict) -> ReceivedModel:
+    """Load the message's model (values in the installed mask + dense tensors); MaskMissing if the mask it names
+    is not the one installed here."""
     net, layout = model_and_layout(cfg)
-    masks, fp = _masks_for(content, state, layout)
+    masks, fingerprint = _masks_for(content, state, layout)
     dtype = str(content["config"].get("value-dtype", "float32"))
     values, dense = transport.read_payload(content["arrays"], layout, masks, dtype)
     net.load_state_dict(sparse.scatter(values, dense, layout, masks))
-    return net, layout, masks, fp
+    return ReceivedModel(net, layout, masks, fingerprint)
 
 
 def _received(net: torch.nn.Module, layout: sparse.Layout, masks: sparse.Masks | None
@@ -153,13 +176,14 @@ def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -
 
 def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int, *,
                  data: tuple[np.ndarray, np.ndarray] | None = None, objective: Objective | None = None,
-                 callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, torch.Tensor, str, MetricRecord]:
-    """Train the received model on this client's data: (masked-value update, dense update, mask fingerprint,
-    metrics). Without a mask every tensor is in the dense update.
+                 callbacks: Sequence[StepCallback] = ()) -> LocalUpdate:
+    """Train the received model on this client's data and return the update. Without a mask every tensor is in
+    the dense update.
 
     A client procedure may replace the data (default: `client_data` of the message's task), the objective and the
     after-step callbacks (see `fedsparse.train.train_local`)."""
-    net, layout, masks, fp = _load(content, state, cfg)
+    received = receive_model(content, state, cfg)
+    net, layout, masks = received.net, received.layout, received.masks
     values0, dense0 = _received(net, layout, masks)
     conf = content["config"]
     x, y = data if data is not None else client_data(cfg, task_of(content, cfg), partition_id)
@@ -173,25 +197,32 @@ def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id
                        device=pick_device(cfg["device"]), **procedure)
     values, dense = _received(net, layout, masks)
     metrics = MetricRecord({"num-examples": len(x), "train-loss": loss, "partition-id": partition_id})
-    return values - values0, dense - dense0, fp, metrics
+    return LocalUpdate(values - values0, dense - dense0, received.fingerprint, metrics)
+
+
+def train_reply(update: LocalUpdate, content: RecordDict) -> RecordDict:
+    """The reply to a train message: the update as a payload in the message's value-dtype, the metrics, and the
+    echoed round and mask fingerprint the server checks."""
+    config = content["config"]
+    return RecordDict({
+        # the update, not the weights: in float16/bfloat16 a weight would swallow a change below 1e-3 of it
+        "arrays": transport.make_payload(update.values, update.dense, str(config.get("value-dtype", "float32"))),
+        "metrics": update.metrics,
+        "config": ConfigRecord({"mask-fingerprint": update.fingerprint, "server-round": int(config["server-round"])}),
+    })
 
 
 @handler("train")
 def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
-    values, dense, fp, metrics = local_update(content, state, cfg, partition_id)
-    reply = RecordDict({
-        # the update, not the weights: in float16/bfloat16 a weight would swallow a change below 1e-3 of it
-        "arrays": transport.make_payload(values, dense, str(content["config"].get("value-dtype", "float32"))),
-        "metrics": metrics,
-        "config": ConfigRecord({"mask-fingerprint": fp, "server-round": int(content["config"]["server-round"])}),
-    })
-    return reply
+    """A FedAvg round inside the installed mask (if any): train locally, reply the update."""
+    return train_reply(local_update(content, state, cfg, partition_id), content)
 
 
 @handler("query.saliency")
 def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """SSFL step 1: |w * dL/dw| at the shared initialisation, on this client's own data."""
-    net, layout, _, _ = _load(content, state, cfg)
+    received = receive_model(content, state, cfg)
+    net, layout = received.net, received.layout
     x, y = local_data(cfg, partition_id)
     scores = saliency_scores(net, x, y, list(layout.maskable), batch_size=cfg["batch-size"],
                              batches=cfg["sparse.saliency-batches"], seed=_seed(cfg, 0, partition_id),
@@ -223,14 +254,14 @@ def install_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id
 @handler("train.topk")
 def topk_train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """Train on the dense global model, reply the top-k of (update + residual) as codec bytes."""
-    _, flat_update, fp, metrics = local_update(content, state, cfg, partition_id)  # no mask: all in the 2nd
-    update = flat_update.numpy()
+    result = local_update(content, state, cfg, partition_id)  # no mask: the whole update is dense
+    update = result.dense.numpy()
     residual = state[TOPK_RESIDUAL]["residual"].numpy() if TOPK_RESIDUAL in state else None
     if residual is not None and residual.shape != update.shape:  # another model: the old residual is meaningless
         residual = None
     dtype = str(content["config"].get("value-dtype", "float32"))
     buf, residual = encode_topk_update(update, residual, cfg["sparse.topk-density"], dtype)
     state[TOPK_RESIDUAL] = ArrayRecord({"residual": Array(residual)})
-    return RecordDict({"arrays": topk_arrays(buf), "metrics": metrics,
-                       "config": ConfigRecord({"mask-fingerprint": fp,
+    return RecordDict({"arrays": topk_arrays(buf), "metrics": result.metrics,
+                       "config": ConfigRecord({"mask-fingerprint": result.fingerprint,
                                                "server-round": int(content["config"]["server-round"])})})
