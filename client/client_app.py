@@ -19,6 +19,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import client.continual  # noqa: F401  (registers the continual-learning handlers)
+import client.unlearning  # noqa: F401  (registers the unlearning handlers)
 from client.handlers import HANDLERS
 from client.state import ClientStateStore, record_state, restore_state
 from fedsparse.config import resolve

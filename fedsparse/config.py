@@ -39,6 +39,7 @@ VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block sca
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 SALIENCY_AGGREGATIONS = ("weighted", "mean")
+UNLEARN_METHODS = ("retrain", "finetune", "del")  # the unlearn experiment's phase 2 (server.experiments.unlearning)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
@@ -205,6 +206,16 @@ SCHEMA: dict[str, Key] = {
                          check=lambda v: v >= 0, rule=">= 0"),
     "cl.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,
                         rule=">= 0"),
+    # unlearn.*: client withdrawal as federated rounds (experiment = "unlearn"; server/experiments/unlearning.py)
+    "unlearn.method": Key(str, "del", "how the federation forgets the withdrawn client", UNLEARN_METHODS),
+    "unlearn.client": Key(int, 0, "partition id of the client that withdraws (its data is the forget set)",
+                          check=lambda v: v >= 0, rule=">= 0"),
+    "unlearn.train-rounds": Key(int, 5, "FedAvg rounds on every client before the withdrawal",
+                                check=lambda v: v >= 1, rule=">= 1"),
+    "unlearn.rounds": Key(int, 5, "rounds of the unlearning phase (on the remaining clients)",
+                          check=lambda v: v >= 1, rule=">= 1"),
+    "unlearn.alpha": Key(float, 0.3, "del: share of all parameters the withdrawn client's mask selects",
+                         check=_in_unit_open, rule="in (0, 1]"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),

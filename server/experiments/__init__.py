@@ -138,8 +138,9 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
     """The experiments, imported here because their modules import the classes above."""
     from server.experiments.continual import ContinualExperiment
     from server.experiments.standard import StandardExperiment
+    from server.experiments.unlearning import UnlearnExperiment
 
-    return {"standard": StandardExperiment, "continual": ContinualExperiment}
+    return {"standard": StandardExperiment, "continual": ContinualExperiment, "unlearn": UnlearnExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
