@@ -1,7 +1,8 @@
 """Flower ClientApp: routes every message action to its handler in `client.handlers.HANDLERS`.
 
-Importing this module imports every module of `client/` that registers handlers (`client.handlers`, and
-`client.continual` for the continual-learning actions), so the app routes all of them.
+Importing this module imports every module of `client/` that registers handlers (`client.handlers`,
+`client.continual` for the continual-learning actions and `client.merging` for the merge experiment's), so the app
+routes all of them.
 
 Around every handler the node's Context.state is kept on its disk (`client.state`), so that a resumed run
 restores it: `restore_state` before, `record_state` after a handler that succeeded.
@@ -18,7 +19,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-import client.continual  # noqa: F401  (registers the continual-learning handlers)
+import client.continual  # (registers the continual-learning handlers)
+import client.merging  # (registers the merge experiment's handlers)
 import client.unlearning  # noqa: F401  (registers the unlearning handlers)
 from client.handlers import HANDLERS
 from client.state import ClientStateStore, record_state, restore_state

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsparse.continual.procedure import FEDERATED_METHODS as CL_METHODS
+from fedsparse.merging.merge import MERGE_METHODS
 from fedsparse.optim import OPTIMIZERS
 from fedsparse.tasks import STREAMS as CL_STREAMS
 
@@ -216,6 +217,23 @@ SCHEMA: dict[str, Key] = {
                           check=lambda v: v >= 1, rule=">= 1"),
     "unlearn.alpha": Key(float, 0.3, "del: share of all parameters the withdrawn client's mask selects",
                          check=_in_unit_open, rule="in (0, 1]"),
+    # merge.*: model merging as federated rounds (experiment = "merge"; server/experiments/merging.py)
+    "merge.method": Key(str, "task_arithmetic", "how the server merges the experts (fedsparse.merging.MERGE_METHODS)",
+                        MERGE_METHODS),
+    "merge.stream": Key(str, "domains", "task stream: client i trains its expert on task i (fedsparse.tasks)",
+                        CL_STREAMS),
+    "merge.expert-rounds": Key(int, 1, "rounds of expert training (the server merges after each)",
+                               check=lambda v: v >= 1, rule=">= 1"),
+    "merge.expert-epochs": Key(int, 2, "local epochs of expert training per round", check=lambda v: v >= 1,
+                               rule=">= 1"),
+    "merge.lambda": Key(float, 0.0, "scale lambda of the merged task vector (0 = the method's own default)",
+                        check=lambda v: v >= 0, rule=">= 0"),
+    "merge.local": Key(bool, True, "experts start from the shared initial model (false: each from its own seed)"),
+    "merge.align": Key(bool, False, "weight-match every expert (and its init) to the first before merging"),
+    "merge.train-size": Key(int, 2000, "training examples kept per task (a prefix; 0 = all)",
+                            check=lambda v: v >= 0, rule=">= 0"),
+    "merge.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,
+                           rule=">= 0"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),

@@ -1,0 +1,95 @@
+"""The client side of the merge experiment: train this client's expert on its own task of the stream.
+
+Handler (registered in `client.handlers.HANDLERS`; `client.client_app` imports this module):
+- `train.merge` (`TRAIN_MESSAGE`): client `i` trains its expert on task `i` of `merge.stream` (all of that task's
+  training examples, `merge.train-size` capped) for the message's `expert-epochs` epochs. The expert starts, in
+  its first round, from the received global model (`merge.local = true`) or from this client's own initial model
+  (`expert_init_seed`; non-local), and in later rounds from the expert it kept in Context.state (`merge-expert`).
+  The reply is the plain train reply whose update is `expert - received model`, so the server reads the expert
+  back as `received + update` (float32 round-off only).
+
+This module also wraps `query.info` for merge runs: a client reports its task's training examples (the bound of
+every train reply's `num-examples`); for every other experiment the plain handler answers unchanged.
+
+Invariants: what a client keeps (its expert) lives in Context.state, so it travels with the client-state snapshots
+that make a resumed run exact; the task of client i and its initial model depend only on the run config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from client.handlers import HANDLERS, LocalUpdate, handler, receive_model, train_reply
+from fedsparse import sparse
+from fedsparse.models import build_model
+from fedsparse.tasks import NUM_CLASSES, Task, stream_tasks
+from fedsparse.train import TrainConfig, pick_device, train_local
+
+TRAIN_MESSAGE = "train.merge"
+EXPERT = "merge-expert"
+
+
+def task_config(cfg: dict) -> dict:
+    """The run config as `fedsparse.tasks` reads it for a merge run: the merge.* caps in the cl.* keys the task
+    views read, and one task per client."""
+    return {**cfg, "cl.train-size": cfg["merge.train-size"], "cl.test-size": cfg["merge.test-size"],
+            "cl.num-tasks": cfg["num-clients"]}
+
+
+def merge_tasks(cfg: dict) -> list[Task]:
+    """The tasks of a merge run in client order (task i is client i's): the first `num-clients` of the stream."""
+    return stream_tasks(cfg["merge.stream"], task_config(cfg))
+
+
+def expert_init_seed(cfg: dict, partition_id: int) -> int:
+    """The seed of client `partition_id`'s own initial model in a non-local run (never the shared model's seed)."""
+    return (cfg["seed"] * 1_000_003 + 7919 * (partition_id + 1) + 31) % (2**32)
+
+
+def expert_init_state(cfg: dict, partition_id: int, input_shape: tuple[int, ...]) -> dict:
+    """Client `partition_id`'s own initial model (non-local), as a state dict; the server rebuilds the same one."""
+    return build_model(cfg["model"], input_shape, NUM_CLASSES, seed=expert_init_seed(cfg, partition_id)).state_dict()
+
+
+def _tensors(record: ArrayRecord) -> dict:
+    return record.to_torch_state_dict()
+
+
+@handler(TRAIN_MESSAGE)
+def train_expert(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """Train this client's expert for `expert-epochs` epochs on its task; reply `expert - received model`."""
+    received = receive_model(content, state, cfg)
+    net, layout, masks = received.net, received.layout, received.masks
+    if masks is not None:
+        raise ValueError("the merge experiment trains dense experts; the message names a mask")
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    values0, dense0 = sparse.gather(start, layout, None)
+    task = merge_tasks(cfg)[partition_id]
+    if EXPERT in state:
+        net.load_state_dict(_tensors(state[EXPERT]))
+    elif not cfg["merge.local"]:
+        net.load_state_dict(expert_init_state(cfg, partition_id, task.input_shape))
+    config = content["config"]
+    settings = TrainConfig(int(config["expert-epochs"]), cfg["batch-size"], float(config["lr"]), cfg["momentum"],
+                           cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
+    seed = (cfg["seed"] * 1_000_003 + int(config["server-round"]) * 10_007 + partition_id) % (2**63)
+    loss = train_local(net, task.x_train, task.y_train, settings, seed=seed, device=pick_device(cfg["device"]))
+    expert = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    values, dense = sparse.gather(expert, layout, None)
+    metrics = MetricRecord({"num-examples": len(task.y_train), "train-loss": loss, "partition-id": partition_id})
+    reply = train_reply(LocalUpdate(values - values0, dense - dense0, received.fingerprint, metrics), content)
+    state[EXPERT] = ArrayRecord({key: Array(np.ascontiguousarray(value.numpy())) for key, value in expert.items()})
+    return reply
+
+
+_plain_info = HANDLERS["query.info"]
+
+
+@handler("query.info")
+def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """`query.info`; in a merge run the example count is this client's task's training examples."""
+    if cfg["experiment"] != "merge":
+        return _plain_info(content, state, cfg, partition_id)
+    examples = len(merge_tasks(cfg)[partition_id].y_train)
+    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": examples})})

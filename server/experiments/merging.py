@@ -1,0 +1,207 @@
+"""The merge experiment: every client trains an expert on its own task; the server merges the experts.
+
+`MergeExperiment(cfg)` (registered as EXPERIMENTS["merge"]) has one `Phase` of `merge.expert-rounds` rounds of an
+`ExpertStrategy`: FedAvg whose train messages are `train.merge` and say "train your expert for
+`merge.expert-epochs` epochs" (`client.merging.train_expert`). Client i holds task i of `merge.stream` (the first
+`num-clients` tasks). Experts start from the shared initial model (`merge.local = true`) or each from its client's
+own seed (`client.merging.expert_init_seed`; non-local), and continue from themselves in later rounds.
+
+After every round (`after_round`) the server reads the experts back from the accepted replies (received model +
+update), optionally weight-matches each to the first expert (`merge.align`: `fedsparse.alignment.weight_matching`;
+the same permutation is applied to that expert's initial model), and merges them with `merge.method` (any of
+`fedsparse.merging.MERGE_METHODS`, lambda `merge.lambda`, 0 = the method's own): task vectors are taken against the
+mean of the (aligned) initial models, which is the shared model itself in a local run. The merged model becomes
+the global model: the runner evaluates it on every task (`acc/<task>`, `loss/<task>`; the first task's are
+`test_accuracy` / `test_loss`) and sends it in the next round. Each expert is also evaluated on its own task.
+
+`finish` adds to summary.json: the method, the setting, `expert_accuracy` and `merged_accuracy` per task,
+`normalized_accuracy` (merged / expert) per task and its mean `normalized_accuracy_mean`.
+
+Invariants: a train reply's bytes are counted as any round's (`bytes_down` / `bytes_up`); the experts' accuracies
+are in `state_dict()`, so a resumed run reports the same summary; an expert whose reply was rejected is missing
+from the merge of that round (logged), and the run fails if no expert came back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from client.merging import TRAIN_MESSAGE, expert_init_state, merge_tasks
+from fedsparse import sparse
+from fedsparse.alignment import apply_permutation, permutation_spec, weight_matching
+from fedsparse.config import ConfigError
+from fedsparse.data import load_dataset
+from fedsparse.merging import merge_models, weighted_average
+from fedsparse.models import build_model, maskable_names
+from fedsparse.tasks import NUM_CLASSES, Task
+from fedsparse.train import evaluate, pick_device
+from server.experiments import Phase, PhaseContext
+from server.experiments.continual import TaskEvaluator
+from server.strategies.base import ClientUpdate, FedAvg
+
+log = logging.getLogger("fedsparse")
+
+StateDict = dict[str, torch.Tensor]
+
+
+class MergeFailed(RuntimeError):
+    """The server has no expert to merge; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ExpertStrategy(FedAvg):
+    """FedAvg whose train messages are `train.merge`; besides FedAvg's aggregate (which the experiment replaces by
+    the merge) it keeps the round's experts: `experts[partition] = received model + accepted update`."""
+
+    message_type = TRAIN_MESSAGE
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.experts: dict[int, StateDict] = {}
+        self._accepted: list[ClientUpdate] = []
+
+    def screen_norms(self, readable: list[tuple[int, ClientUpdate]]) -> list[ClientUpdate]:
+        """FedAvg's screening; the accepted updates are kept for `aggregate_train`."""
+        self._accepted = super().screen_norms(readable)
+        return self._accepted
+
+    def aggregate_train(self, server_round: int, replies: list[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregate, and the round's experts in `experts` (empty when none was accepted)."""
+        plan = self.plans.get(server_round)
+        self._accepted = []
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.experts = {}
+        if plan is not None:
+            values, dense = sparse.gather(plan.global_state, self.layout, None)
+            for update in self._accepted:
+                self.experts[update.partition_id] = sparse.scatter(values + update.values, dense + update.dense,
+                                                                   self.layout, None)
+        return arrays, metrics
+
+
+class MergeExperiment:
+    """The phase of a merge run and the experts' accuracies (see the module docstring)."""
+
+    config_namespaces: frozenset[str] = frozenset({"merge"})
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.tasks: list[Task] = self.check_config(cfg)
+        self.device = pick_device(cfg["device"])
+        self.model: torch.nn.Module = build_model(cfg["model"], self.tasks[0].input_shape, NUM_CLASSES,
+                                                  seed=cfg["seed"])
+        self.initial: StateDict = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        maskable = list(maskable_names(self.model, tuple(cfg["sparse.mask-layers"].split(","))))
+        self.strategy = ExpertStrategy.from_config(cfg, maskable)
+        self.expert_accuracy: dict[str, float] = {}
+        self.phases = [Phase(name="experts", task=cfg["merge.stream"], rounds=cfg["merge.expert-rounds"],
+                             strategy=self.strategy,
+                             evaluators=[TaskEvaluator(task, self.device) for task in self.tasks],
+                             client_config={"expert-epochs": cfg["merge.expert-epochs"]},
+                             after_round=self.after_round)]
+
+    @staticmethod
+    def check_config(cfg: dict) -> list[Task]:
+        """The run's tasks (task i is client i's); ConfigError naming the key when the settings cannot host them:
+        more clients than the stream has tasks, a strategy other than fedavg, fraction-train below 1, a dataset
+        of another input shape than the stream's, num-rounds other than merge.expert-rounds, alignment of a model
+        without a permutation spec."""
+        if cfg["strategy"] != "fedavg":
+            raise ConfigError(f"config key 'strategy': the merge experiment runs fedavg, got {cfg['strategy']!r}")
+        if cfg["fraction-train"] != 1.0:
+            raise ConfigError("config key 'fraction-train': every client trains its expert in every round: set 1.0 "
+                              f"(got {cfg['fraction-train']})")
+        if cfg["num-rounds"] != cfg["merge.expert-rounds"]:
+            raise ConfigError(f"config key 'num-rounds': a merge run has merge.expert-rounds="
+                              f"{cfg['merge.expert-rounds']} rounds: set num-rounds to that (got {cfg['num-rounds']})")
+        try:
+            tasks = merge_tasks(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"config key 'num-clients': one client per task, and stream {cfg['merge.stream']!r} "
+                              f"has fewer tasks than num-clients={cfg['num-clients']}") from err
+        shape = load_dataset(cfg["dataset"], cfg["data-root"]).input_shape
+        if tuple(shape) != tasks[0].input_shape:
+            raise ConfigError(f"config key 'dataset': {cfg['dataset']!r} has input shape {tuple(shape)}, stream "
+                              f"{cfg['merge.stream']!r} has {tasks[0].input_shape}; set dataset to one of that shape "
+                              "(fashion-mnist for the 28x28 streams, digits for the digits streams)")
+        if cfg["merge.align"]:
+            from fedsparse.alignment import SPEC_BUILDERS
+
+            if cfg["model"] not in SPEC_BUILDERS:
+                raise ConfigError(f"config key 'merge.align': no permutation spec for model {cfg['model']!r} "
+                                  f"(known: {', '.join(SPEC_BUILDERS)})")
+        return tasks
+
+    # ----------------------------------------------------------------------------------------------- merge
+
+    def initial_state(self, partition_id: int) -> StateDict:
+        """The model client `partition_id`'s expert started from: the shared one (local) or its own."""
+        if self.cfg["merge.local"]:
+            return self.initial
+        return expert_init_state(self.cfg, partition_id, self.tasks[0].input_shape)
+
+    def merge(self, experts: dict[int, StateDict]) -> StateDict:
+        """The merged model of `experts` (partition -> state): aligned to the lowest partition's expert when
+        `merge.align`, task vectors against the mean of the (aligned) initial models, merged by `merge.method`."""
+        if not experts:
+            raise MergeFailed("no expert came back to merge")
+        order = sorted(experts)
+        states = [experts[p] for p in order]
+        inits = [self.initial_state(p) for p in order]
+        if self.cfg["merge.align"] and len(states) > 1:
+            spec = permutation_spec(self.cfg["model"], self.model)
+            for index in range(1, len(states)):
+                found = weight_matching(spec, states[0], states[index], seed=self.cfg["seed"])
+                states[index] = apply_permutation(spec, found.permutation, states[index])
+                inits[index] = apply_permutation(spec, found.permutation, inits[index])
+        local_base = self.cfg["merge.local"] and not self.cfg["merge.align"]
+        base = self.initial if local_base else weighted_average(inits, [1.0 / len(inits)] * len(inits))
+        scale = self.cfg["merge.lambda"] or None
+        return merge_models(base, states, self.cfg["merge.method"], scale=scale, seed=self.cfg["seed"])
+
+    def after_round(self, ctx: PhaseContext, phase_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Replace FedAvg's aggregate by the merge of the round's experts; score each expert on its own task."""
+        experts = self.strategy.experts
+        missing = [p for p in range(len(self.tasks)) if p not in experts]
+        if missing:
+            log.warning("round %d: no expert from partitions %s; merging %d experts", phase_round, missing,
+                        len(experts))
+        for partition, state in experts.items():
+            ctx.model.load_state_dict(state)
+            task = self.tasks[partition]
+            _, accuracy = evaluate(ctx.model, task.x_test, task.y_test, device=self.device)
+            self.expert_accuracy[task.name] = accuracy
+        return ArrayRecord(self.merge(experts))
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """The experts' accuracies on their tasks (the last round's)."""
+        return {"expert_accuracy": dict(self.expert_accuracy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved."""
+        self.expert_accuracy = dict(state.get("expert_accuracy", {}))
+
+    def finish(self, out_dir: Path, rows: list[dict]) -> dict:
+        """The summary entries of a merge run: merged and expert accuracy per task and their ratio."""
+        extra: dict = {"merge_method": self.cfg["merge.method"], "merge_stream": self.cfg["merge.stream"],
+                       "merge_local": self.cfg["merge.local"], "merge_align": self.cfg["merge.align"],
+                       "merge_tasks": [task.name for task in self.tasks],
+                       "expert_accuracy": dict(self.expert_accuracy)}
+        if not rows:
+            return extra
+        merged = {task.name: float(rows[-1][f"acc/{task.name}"]) for task in self.tasks}
+        normalized = {name: merged[name] / self.expert_accuracy[name] for name in merged
+                      if self.expert_accuracy.get(name, 0.0) > 0}
+        extra.update({"merged_accuracy": merged, "normalized_accuracy": normalized,
+                      "normalized_accuracy_mean": sum(normalized.values()) / max(len(normalized), 1)})
+        return extra

@@ -1,0 +1,148 @@
+"""Model merging as federated rounds: the merge experiment (`server.experiments.merging`) with its clients
+(`client.merging`), through the real runner and ClientApp on the offline `split-digits` stream with a small MLP.
+
+The merge methods themselves are checked by hand in tests/test_merging.py; here: the federated path gives back the
+experts exactly (TA of one expert with lambda 1 is that expert), bytes are counted, the summary reports the
+normalized accuracy, and the config refuses what the experiment cannot run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsparse.config import ConfigError, resolve
+from fedsparse.tasks import stream_task_names
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RUN = {"experiment": "merge", "dataset": "digits", "model": "mlp", "partitioner": "iid", "batch-size": 16,
+       "lr": 0.05, "momentum": 0.5, "seed": 3}
+
+
+def _cfg(out, clients: int, rounds: int = 1, **merge: object) -> dict:
+    keys = {"stream": "split-digits", "train-size": 0, "test-size": 0, "expert-rounds": rounds,
+            "expert-epochs": 2, **merge}
+    return resolve({**RUN, "output-dir": str(out), "num-clients": clients, "num-rounds": rounds, "merge": keys})
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], atol: float = 0.0) -> bool:
+    return set(first) == set(second) and all(torch.allclose(first[k], second[k], rtol=0, atol=atol) for k in first)
+
+
+def _expert_by_hand(cfg: dict, partition_id: int, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What client `partition_id` trains in round 1, computed by calling its handler directly."""
+    from client.handlers import model_and_layout
+    from client.merging import EXPERT, train_expert
+    from fedsparse import sparse, transport
+
+    _, layout = model_and_layout(cfg)  # the payload order the client reads
+    values, dense = sparse.gather(start, layout, None)
+    content = RecordDict({"arrays": transport.make_payload(values, dense, "float32"),
+                          "config": ConfigRecord({"server-round": 1, "lr": cfg["lr"], "value-dtype": "float32",
+                                                  "mask-fingerprint": sparse.NO_MASK,
+                                                  "expert-epochs": cfg["merge.expert-epochs"]})})
+    state = RecordDict()
+    train_expert(content, state, cfg, partition_id)
+    return state[EXPERT].to_torch_state_dict()
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_task_arithmetic_of_one_expert_with_lambda_one_is_that_expert(tmp_path, task_identity, local):
+    from server.loop import run_federation
+    from tests.test_continual_federated import AppGrid
+
+    cfg = _cfg(tmp_path / "run", 1, **{"method": "task_arithmetic", "lambda": 1.0, "local": local})
+    grid = AppGrid(cfg, 1)
+    summary = run_federation(grid, cfg)
+    merged = torch.load(tmp_path / "run" / "final_model.pt")
+    from server.experiments.merging import MergeExperiment
+
+    experiment = MergeExperiment(cfg)
+    start = experiment.initial_state(0)
+    expert = _expert_by_hand(cfg, 0, start)
+    assert not _same(expert, start, atol=1e-3)  # it trained
+    assert _same(merged, expert, atol=1e-6)  # received model + (expert - received model), float32 round-off only
+    assert grid.handled.count("train.merge") == 1
+    task = stream_task_names("split-digits", {**cfg, "cl.train-size": 0, "cl.test-size": 0})[0]
+    assert summary["normalized_accuracy"][task] == pytest.approx(1.0, abs=1e-9)
+    assert summary["expert_accuracy"][task] > 0.95  # a 2-class digits task
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_a_merge_of_three_experts_counts_bytes_and_reports_normalized_accuracy(tmp_path, task_identity, seed):
+    from fedsparse.results import read_rounds
+    from server.loop import run_federation
+    from tests.test_continual_federated import AppGrid
+
+    cfg = _cfg(tmp_path / "run", 3, rounds=2, method="ties", **{"expert-epochs": 4}) | {"seed": seed}
+    grid = AppGrid(cfg, 3)
+    summary = run_federation(grid, cfg)
+    rows = read_rounds(tmp_path / "run" / "rounds.csv")
+    names = stream_task_names("split-digits", {**cfg, "cl.train-size": 0, "cl.test-size": 0})[:3]
+    assert summary["merge_tasks"] == names and len(rows) == 2
+    assert grid.handled.count("train.merge") == 6
+    model_bytes = sum(v.numel() * 4 for v in torch.load(tmp_path / "run" / "final_model.pt").values())
+    for row in rows:  # every client gets the model and sends its expert's update: at least the float32 weights
+        assert row["bytes_down"] >= 3 * model_bytes and row["bytes_up"] >= 3 * model_bytes
+        assert row["bytes_up"] < 3 * model_bytes * 1.1
+    for name in names:
+        assert summary["merged_accuracy"][name] == pytest.approx(rows[-1][f"acc/{name}"])
+        assert summary["normalized_accuracy"][name] == pytest.approx(
+            summary["merged_accuracy"][name] / summary["expert_accuracy"][name])
+        assert summary["expert_accuracy"][name] > 0.9
+    assert summary["normalized_accuracy_mean"] == pytest.approx(np.mean(list(summary["normalized_accuracy"].values())))
+
+
+def test_alignment_of_a_permuted_copy_recovers_it_and_the_merge_is_that_model(tmp_path):
+    """Two 'experts' that are one network and a randomly permuted copy of it, from one base: after weight
+    matching the average of the two is the network itself; without alignment it is not."""
+    from fedsparse.alignment import apply_permutation, permutation_spec, random_permutation
+    from server.experiments.merging import MergeExperiment
+
+    cfg = _cfg(tmp_path / "run", 2, method="average", local=False, align=True)
+    experiment = MergeExperiment(cfg)
+    spec = permutation_spec("mlp", experiment.model)
+    expert = {k: v + 0.1 * torch.randn_like(v) for k, v in experiment.initial_state(0).items()}
+    permutation = random_permutation(spec, torch.Generator().manual_seed(1))
+    experiment.initial_state = lambda p: experiment.initial if p == 0 else apply_permutation(
+        spec, permutation, experiment.initial)
+    twin = apply_permutation(spec, permutation, expert)
+    merged = experiment.merge({0: expert, 1: twin})
+    assert _same(merged, expert, atol=1e-6)
+    experiment.cfg = {**cfg, "merge.align": False}
+    assert not _same(experiment.merge({0: expert, 1: twin}), expert, atol=1e-3)
+
+
+@pytest.mark.parametrize(("settings", "key"), [
+    ({"experiment": "standard", "merge": {"method": "ties"}}, "merge.method"),
+    ({"num-rounds": 2}, "'num-rounds'"),
+    ({"strategy": "ssfl"}, "'strategy'"),
+    ({"num-clients": 9}, "'num-clients'"),
+    ({"dataset": "fashion-mnist"}, "'dataset'"),
+])
+def test_the_config_refuses_what_a_merge_run_cannot_do(tmp_path, settings, key):
+    from server.experiments.merging import MergeExperiment
+
+    merge = {"stream": "split-digits", "train-size": 0, "test-size": 0, **settings.pop("merge", {})}
+    with pytest.raises(ConfigError, match=key):
+        cfg = resolve({**RUN, "output-dir": str(tmp_path), "num-clients": 3, "num-rounds": 1, "merge": merge,
+                       **settings})
+        MergeExperiment.check_config(cfg)
+
+
+def test_the_info_handler_reports_the_task_size_in_a_merge_run_only():
+    from client.handlers import HANDLERS
+    from client.merging import merge_tasks
+
+    cfg = resolve({**RUN, "num-clients": 3, "num-rounds": 1, "merge": {"stream": "split-digits", "train-size": 0,
+                                                                       "test-size": 0}})
+    reply = HANDLERS["query.info"](RecordDict(), RecordDict(), cfg, 2)
+    assert reply["metrics"]["num-examples"] == len(merge_tasks(cfg)[2].y_train)
+    plain = resolve({**RUN, "experiment": "standard", "num-clients": 3})
+    from client.handlers import local_data
+
+    assert HANDLERS["query.info"](RecordDict(), RecordDict(), plain, 2)["metrics"]["num-examples"] == len(
+        local_data(plain, 2)[0])
