@@ -8,6 +8,12 @@ Handler (registered in `client.handlers.HANDLERS`; `client.client_app` imports t
   The reply is the plain train reply whose update is `expert - received model`, so the server reads the expert
   back as `received + update` (float32 round-off only).
 
+- `query.merge_tact`: TACT's per-task variance correction (`fedsparse.merging.statistics`): the per-channel
+  statistics of this client's expert at `tact_layers` on its calibration examples (the first `tact-examples` of
+  its task's training set), and the per-channel affines that give the received merged model those statistics on
+  the same examples (`fit_corrections`, layer after layer); the reply is the record `corrections` with
+  `<layer>.scale` and `<layer>.shift` per layer (a few hundred floats).
+
 This module also wraps `query.info` for merge runs: a client reports its task's training examples (the bound of
 every train reply's `num-examples`); for every other experiment the plain handler answers unchanged.
 
@@ -18,15 +24,18 @@ that make a resumed run exact; the task of client i and its initial model depend
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from client.handlers import HANDLERS, LocalUpdate, handler, receive_model, train_reply
 from fedsparse import sparse
+from fedsparse.merging.statistics import ChannelAffine, fit_corrections, record_channel_stats
 from fedsparse.models import build_model
 from fedsparse.tasks import NUM_CLASSES, Task, stream_tasks
 from fedsparse.train import TrainConfig, pick_device, train_local
 
 TRAIN_MESSAGE = "train.merge"
+TACT_MESSAGE = "query.merge_tact"
 EXPERT = "merge-expert"
 
 
@@ -81,6 +90,46 @@ def train_expert(content: RecordDict, state: RecordDict, cfg: dict, partition_id
     reply = train_reply(LocalUpdate(values - values0, dense - dense0, received.fingerprint, metrics), content)
     state[EXPERT] = ArrayRecord({key: Array(np.ascontiguousarray(value.numpy())) for key, value in expert.items()})
     return reply
+
+
+def tact_layers(model: torch.nn.Module) -> list[str]:
+    """The layers TACT corrects, in forward order: every Linear and Conv2d output except the last (the head)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    return names[:-1]
+
+
+def calibration_batches(x: np.ndarray, examples: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """The first `examples` inputs of `x` as float32 batches (the statistics are over all of them together)."""
+    inputs = torch.from_numpy(np.ascontiguousarray(x[:examples], dtype=np.float32))
+    return list(inputs.split(batch_size))
+
+
+def corrections_record(corrections: dict[str, ChannelAffine]) -> ArrayRecord:
+    """TACT corrections as an ArrayRecord: `<layer>.scale`, `<layer>.shift`."""
+    arrays = {}
+    for layer, affine in corrections.items():
+        arrays[f"{layer}.scale"] = Array(affine.scale.numpy().astype(np.float32))
+        arrays[f"{layer}.shift"] = Array(affine.shift.numpy().astype(np.float32))
+    return ArrayRecord(arrays)
+
+
+@handler(TACT_MESSAGE)
+def tact_corrections(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """The affines that give the received merged model this client's expert's per-channel statistics on its
+    calibration examples; ValueError when this client has no expert yet."""
+    if EXPERT not in state:
+        raise ValueError("no expert trained on this client yet: TACT needs one")
+    task = merge_tasks(cfg)[partition_id]
+    batches = calibration_batches(task.x_train, int(content["config"]["tact-examples"]))
+    expert = build_model(cfg["model"], task.input_shape, NUM_CLASSES)
+    expert.load_state_dict(_tensors(state[EXPERT]))
+    layers = tact_layers(expert)
+    targets = record_channel_stats(expert, layers, batches)
+    merged = build_model(cfg["model"], task.input_shape, NUM_CLASSES)
+    merged.load_state_dict(content["model"].to_torch_state_dict())
+    corrections = fit_corrections(merged, targets, batches)
+    return RecordDict({"corrections": corrections_record(corrections),
+                       "metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(batches)})})
 
 
 _plain_info = HANDLERS["query.info"]

@@ -230,6 +230,10 @@ SCHEMA: dict[str, Key] = {
                         check=lambda v: v >= 0, rule=">= 0"),
     "merge.local": Key(bool, True, "experts start from the shared initial model (false: each from its own seed)"),
     "merge.align": Key(bool, False, "weight-match every expert (and its init) to the first before merging"),
+    "merge.tact": Key(bool, False, "TACT: per-task correction of the merged model's per-channel statistics to the "
+                      "expert's (the clients fit it on their data)"),
+    "merge.tact-examples": Key(int, 500, "TACT: calibration examples per client", check=lambda v: v >= 1,
+                               rule=">= 1"),
     "merge.train-size": Key(int, 2000, "training examples kept per task (a prefix; 0 = all)",
                             check=lambda v: v >= 0, rule=">= 0"),
     "merge.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,

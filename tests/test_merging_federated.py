@@ -146,3 +146,68 @@ def test_the_info_handler_reports_the_task_size_in_a_merge_run_only():
 
     assert HANDLERS["query.info"](RecordDict(), RecordDict(), plain, 2)["metrics"]["num-examples"] == len(
         local_data(plain, 2)[0])
+
+
+def test_tact_corrections_from_the_clients_give_the_merged_model_each_experts_statistics(tmp_path, task_identity,
+                                                                                          monkeypatch):
+    """Non-local experts of two tasks, merged, TACT on: with task t's corrections active, the merged model's
+    per-channel mean and std on client t's calibration examples equal its expert's (1e-4); the corrections are
+    one-off traffic, and the summary's merged accuracy is the corrected model's."""
+    from client.merging import EXPERT, calibration_batches, merge_tasks
+    from fedsparse.merging.statistics import AffineHooks, record_channel_stats
+    from fedsparse.models import build_model
+    from fedsparse.train import evaluate
+    from server.experiments import EXPERIMENTS
+    from server.experiments.merging import MergeExperiment
+    from server.loop import run_federation
+    from tests.test_continual_federated import AppGrid
+
+    built = []
+
+    def keep(cfg: dict) -> MergeExperiment:
+        built.append(MergeExperiment(cfg))
+        return built[-1]
+
+    keep.config_namespaces = MergeExperiment.config_namespaces
+    keep.check_config = MergeExperiment.check_config
+    monkeypatch.setitem(EXPERIMENTS, "merge", keep)
+    cfg = _cfg(tmp_path / "run", 2, method="average", local=False, tact=True, **{"tact-examples": 100})
+    grid = AppGrid(cfg, 2)
+    summary = run_federation(grid, cfg)
+    assert grid.handled.count("query.merge_tact") == 2 and summary["bytes_oneoff"] > 0
+    experiment = built[0]
+    merged = build_model("mlp", (1, 16, 16), 10)
+    merged.load_state_dict(torch.load(tmp_path / "run" / "final_model.pt"))
+    for partition, task in enumerate(merge_tasks(cfg)):
+        batches = calibration_batches(task.x_train, 100)
+        expert = build_model("mlp", (1, 16, 16), 10)
+        expert.load_state_dict(grid.contexts[100 + partition].state[EXPERT].to_torch_state_dict())
+        target = record_channel_stats(expert, experiment.layers, batches)
+        hooks = AffineHooks(merged, experiment.layers)
+        hooks.set(experiment.corrections[task.name])
+        try:
+            corrected = record_channel_stats(merged, experiment.layers, batches)
+            assert summary["merged_accuracy"][task.name] == evaluate(merged, task.x_test, task.y_test)[1]
+        finally:
+            hooks.remove()
+        for layer in experiment.layers:
+            torch.testing.assert_close(corrected[layer].mean, target[layer].mean, rtol=0, atol=1e-4)
+            torch.testing.assert_close(corrected[layer].std, target[layer].std, rtol=0, atol=1e-4)
+        uncorrected = record_channel_stats(merged, experiment.layers, batches)
+        assert not torch.allclose(uncorrected[experiment.layers[-1]].std, target[experiment.layers[-1]].std,
+                                  atol=1e-2)  # the correction did something
+
+
+@pytest.mark.parametrize("preset", ["merge-local", "merge-nonlocal"])
+def test_presets_resolve_and_pass_the_experiment_check(preset):
+    import tomllib
+
+    from server.experiments.merging import MergeExperiment
+    from tests.conftest import REPO, SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data")
+    cfg = resolve(tomllib.loads((REPO / "simulations" / "presets" / f"{preset}.toml").read_text()))
+    assert cfg["experiment"] == "merge" and cfg["merge.local"] == (preset == "merge-local")
+    assert [task.name for task in MergeExperiment.check_config(cfg)] == [
+        "domains:mnist", "domains:usps", "domains:fashion-mnist", "domains:cifar10"]

@@ -14,6 +14,11 @@ mean of the (aligned) initial models, which is the shared model itself in a loca
 the global model: the runner evaluates it on every task (`acc/<task>`, `loss/<task>`; the first task's are
 `test_accuracy` / `test_loss`) and sends it in the next round. Each expert is also evaluated on its own task.
 
+With `merge.tact`, after every merge the server sends the merged model to every client (`query.merge_tact`, one-off
+traffic): each fits, on its calibration examples, the per-channel affines at `client.merging.tact_layers` that give
+the merged model its expert's statistics, and replies them; the evaluator of task i then applies client i's
+corrections while it scores the merged model (TACT: one correction per task; the head stays shared).
+
 `finish` adds to summary.json: the method, the setting, `expert_accuracy` and `merged_accuracy` per task,
 `normalized_accuracy` (merged / expert) per task and its mean `normalized_accuracy_mean`.
 
@@ -27,18 +32,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.merging import TRAIN_MESSAGE, expert_init_state, merge_tasks
-from fedsparse import sparse
+from client.merging import TACT_MESSAGE, TRAIN_MESSAGE, expert_init_state, merge_tasks, tact_layers
+from fedsparse import replies, sparse
 from fedsparse.alignment import apply_permutation, permutation_spec, weight_matching
 from fedsparse.config import ConfigError
 from fedsparse.data import load_dataset
 from fedsparse.merging import merge_models, weighted_average
+from fedsparse.merging.statistics import AffineHooks, ChannelAffine
 from fedsparse.models import build_model, maskable_names
 from fedsparse.tasks import NUM_CLASSES, Task
 from fedsparse.train import evaluate, pick_device
+from fedsparse.transport import ReplyError
 from server.experiments import Phase, PhaseContext
 from server.experiments.continual import TaskEvaluator
 from server.strategies.base import ClientUpdate, FedAvg
@@ -102,9 +110,12 @@ class MergeExperiment:
         maskable = list(maskable_names(self.model, tuple(cfg["sparse.mask-layers"].split(","))))
         self.strategy = ExpertStrategy.from_config(cfg, maskable)
         self.expert_accuracy: dict[str, float] = {}
+        self.layers = tact_layers(self.model)
+        self.corrections: dict[str, dict[str, ChannelAffine]] = {}  # task -> layer -> affine (merge.tact)
         self.phases = [Phase(name="experts", task=cfg["merge.stream"], rounds=cfg["merge.expert-rounds"],
                              strategy=self.strategy,
-                             evaluators=[TaskEvaluator(task, self.device) for task in self.tasks],
+                             evaluators=[CorrectedEvaluator(TaskEvaluator(task, self.device), self.layers,
+                                                            self.corrections) for task in self.tasks],
                              client_config={"expert-epochs": cfg["merge.expert-epochs"]},
                              after_round=self.after_round)]
 
@@ -179,22 +190,73 @@ class MergeExperiment:
             task = self.tasks[partition]
             _, accuracy = evaluate(ctx.model, task.x_test, task.y_test, device=self.device)
             self.expert_accuracy[task.name] = accuracy
-        return ArrayRecord(self.merge(experts))
+        merged = ArrayRecord(self.merge(experts))
+        self.corrections.clear()
+        if self.cfg["merge.tact"]:
+            self.corrections.update(self.ask_corrections(ctx, merged))
+        return merged
+
+    def ask_corrections(self, ctx: PhaseContext, merged: ArrayRecord) -> dict[str, dict[str, ChannelAffine]]:
+        """TACT: every client's corrections of the merged model for its task ({task: {layer: affine}}); a client
+        that fails or replies a malformed record leaves its task uncorrected (logged)."""
+        content = RecordDict({"model": merged, "config": ConfigRecord(
+            {"tact-examples": self.cfg["merge.tact-examples"]})})
+        partitions = {node: partition for partition, node in ctx.nodes.items()}
+        messages = [Message(content, dst_node_id=node, message_type=TACT_MESSAGE) for node in sorted(partitions)]
+        found: dict[str, dict[str, ChannelAffine]] = {}
+        for reply in ctx.grid.send_and_receive(messages, timeout=ctx.timeout):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("node %s failed %s: %s", node, TACT_MESSAGE, reply.error.reason[:300])
+                continue
+            try:
+                found[self.tasks[partitions[node]].name] = self.read_corrections(reply.content)
+            except (ReplyError, KeyError) as err:
+                log.warning("node %s: TACT corrections rejected: %s", node, err)
+        return found
+
+    def read_corrections(self, content: RecordDict) -> dict[str, ChannelAffine]:
+        """The `corrections` record of a `query.merge_tact` reply: finite scale and shift per TACT layer, one
+        value per channel of that layer; ReplyError names what is wrong."""
+        record = replies.get_record(content, "corrections", ArrayRecord)
+        channels = {name: int(module.weight.shape[0]) for name, module in self.model.named_modules()
+                    if name in self.layers}
+        wanted = {f"{layer}.{part}" for layer in self.layers for part in ("scale", "shift")}
+        if set(record) != wanted:
+            raise ReplyError(f"corrections cover {sorted(record)[:4]}, expected {sorted(wanted)[:4]}")
+        corrections = {}
+        for layer in self.layers:
+            scale, shift = (torch.from_numpy(np.array(record[f"{layer}.{part}"].numpy(), dtype=np.float32))
+                            for part in ("scale", "shift"))
+            if scale.shape != (channels[layer],) or shift.shape != (channels[layer],):
+                raise ReplyError(f"layer '{layer}': corrections of shape {tuple(scale.shape)}, expected "
+                                 f"({channels[layer]},)")
+            if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+                raise ReplyError(f"layer '{layer}': non-finite corrections")
+            corrections[layer] = ChannelAffine(scale, shift)
+        return corrections
 
     # ------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
         """The experts' accuracies on their tasks (the last round's)."""
-        return {"expert_accuracy": dict(self.expert_accuracy)}
+        corrections = {task: {layer: (affine.scale, affine.shift) for layer, affine in layers.items()}
+                       for task, layers in self.corrections.items()}
+        return {"expert_accuracy": dict(self.expert_accuracy), "corrections": corrections}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved."""
         self.expert_accuracy = dict(state.get("expert_accuracy", {}))
+        self.corrections.clear()
+        for task, layers in state.get("corrections", {}).items():
+            self.corrections[task] = {layer: ChannelAffine(scale.clone(), shift.clone())
+                                      for layer, (scale, shift) in layers.items()}
 
     def finish(self, out_dir: Path, rows: list[dict]) -> dict:
         """The summary entries of a merge run: merged and expert accuracy per task and their ratio."""
         extra: dict = {"merge_method": self.cfg["merge.method"], "merge_stream": self.cfg["merge.stream"],
                        "merge_local": self.cfg["merge.local"], "merge_align": self.cfg["merge.align"],
+                       "merge_tact": self.cfg["merge.tact"],
                        "merge_tasks": [task.name for task in self.tasks],
                        "expert_accuracy": dict(self.expert_accuracy)}
         if not rows:
@@ -205,3 +267,24 @@ class MergeExperiment:
         extra.update({"merged_accuracy": merged, "normalized_accuracy": normalized,
                       "normalized_accuracy_mean": sum(normalized.values()) / max(len(normalized), 1)})
         return extra
+
+
+class CorrectedEvaluator:
+    """A task's evaluator that applies the task's TACT corrections (when `corrections` has them) while it scores
+    the model: per-channel affines on `layers` through forward hooks, removed afterwards."""
+
+    def __init__(self, evaluator: TaskEvaluator, layers: list[str],
+                 corrections: dict[str, dict[str, ChannelAffine]]) -> None:
+        self.evaluator, self.layers, self.corrections = evaluator, layers, corrections
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        """The task's metrics of `model`, corrected for the task if corrections exist."""
+        found = self.corrections.get(self.evaluator.task.name)
+        if not found:
+            return self.evaluator(model)
+        hooks = AffineHooks(model, self.layers)
+        try:
+            hooks.set(found)
+            return self.evaluator(model)
+        finally:
+            hooks.remove()
