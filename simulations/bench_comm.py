@@ -36,7 +36,7 @@ from server.strategies import STRATEGIES, FedAvg
 from server.strategies.topk import logical_update_bytes
 
 MODELS = {"cnn": ((1, 28, 28), 10), "resnet18": ((3, 32, 32), 10)}
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 MASK_DENSITIES = (0.5, 0.1, 0.05)
 TOPK_DENSITIES = (0.1, 0.01)
 MASKED = ("ssfl", "random", "magnitude")
@@ -155,7 +155,8 @@ def row(model: str, strategy: str, density: float, dtype: str, layout: sparse.La
         arrays_up: int, limit_up: float, oneoff: OneOff) -> dict:
     down = payload_down.count_bytes() + config_down.count_bytes()
     up = transport.content_bytes(RecordDict({"arrays": payload_up, "metrics": metrics_up(),
-                                             "config": ConfigRecord({"mask-fingerprint": fp})}))
+                                             # the client's echo (client.handlers.train_reply)
+                                             "config": ConfigRecord({"mask-fingerprint": fp, "server-round": 1})}))
     return {
         "model": model, "strategy": strategy, "density": density, "dtype": dtype,
         "params": layout.num_maskable + layout.num_dense,
@@ -188,7 +189,7 @@ def masked_rows(model: str, layout: sparse.Layout, state: sparse.State) -> list[
         bits = sparse.pack_mask(s.masks, layout).size if s.masks is not None else 0
         oneoff = OneOff(first.one_off.down, first.one_off.up, saliency_down + bits, saliency_up)
         rows.append(row(model, name, density, dtype, layout, payload, message.content["config"], payload,
-                        s.fingerprint, logical, logical, 2, logical, oneoff))
+                        s.fingerprint, logical, logical, len(payload), logical, oneoff))
     return rows
 
 
