@@ -294,32 +294,40 @@ def partition_indices(labels_key: tuple, kind: str, num_clients: int, seed: int,
                       classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
     """Training-set indices of every client. `labels_key` is (dataset name, data root, train-subset).
 
-    Kept in memory per process and on disk per machine: in a deployment every message runs in a fresh ClientApp
-    process, which would otherwise import `datasets` and redraw the partition each time.
+    Kept in memory per process and on disk per machine (`partition_labels`): in a deployment every message runs
+    in a fresh ClientApp process, which would otherwise import `datasets` and redraw the partition each time.
     """
     name, root, subset = labels_key
     labels = load_dataset(name, root).y_train
     if subset:
         labels = labels[:subset]
-    key = (partition_code_key(), name, hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64)).hexdigest(),
+    return partition_labels(labels, name, kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+
+
+def partition_labels(labels: np.ndarray, source: str, kind: str, num_clients: int, seed: int, alpha: float,
+                     classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
+    """Sorted indices into `labels` of every client, drawn by the flwr-datasets partitioner `kind` and cached on
+    disk under a key of the split code's version, the library versions, `source` (what the labels are of), a hash
+    of the labels and every setting: a cache written by other code or for other labels is never read."""
+    key = (partition_code_key(), source, hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64)).hexdigest(),
            kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
     path = partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
     if path.exists():
-        with np.load(path) as f:
-            return tuple(f[str(i)] for i in range(num_clients))
+        with np.load(path) as stored:
+            return tuple(stored[str(i)] for i in range(num_clients))
     from datasets import Dataset as HFDataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    table = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
-    part = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
-    part.dataset = table
-    parts = tuple(np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients))
+    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+    partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    parts = tuple(np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
+                  for i in range(num_clients))
     try:  # a cache that cannot be written is no error: the partition is deterministic anyway
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{str(i): p for i, p in enumerate(parts)})
-        tmp.replace(path)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, **{str(i): part for i, part in enumerate(parts)})
+        temporary.replace(path)
     except OSError as err:
         log.debug("partition cache not written: %s", err)
     return parts

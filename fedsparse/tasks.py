@@ -24,16 +24,14 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from fedsparse.continual.streams import Task, domain_stream, permuted_stream, split_stream
-from fedsparse.data import client_split, load_dataset, make_partitioner, partition_cache_dir, partition_code_key
+from fedsparse.data import client_split, load_dataset, partition_labels
 
 log = logging.getLogger(__name__)
 
@@ -144,31 +142,9 @@ def task_input_shape(name: str, cfg: dict) -> tuple[int, ...]:
 
 def _partition(labels: np.ndarray, kind: str, num_clients: int, seed: int, alpha: float, classes_per_client: int,
                shards_per_client: int) -> tuple[np.ndarray, ...]:
-    """Training indices of every client for one task's labels, cached on disk like
-    `fedsparse.data.partition_indices` (a fresh ClientApp process per message does not redraw it)."""
-    labels_hash = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64)).hexdigest()
-    key = (partition_code_key(), "task", labels_hash, kind, num_clients, seed, alpha, classes_per_client,
-           shards_per_client)
-    path = partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
-    if path.exists():
-        with np.load(path) as stored:
-            return tuple(stored[str(i)] for i in range(num_clients))
-    from datasets import Dataset as HFDataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
-    partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
-    parts = tuple(np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
-                  for i in range(num_clients))
-    try:  # a cache that cannot be written is no error: the partition is deterministic anyway
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, **{str(i): part for i, part in enumerate(parts)})
-        temporary.replace(path)
-    except OSError as err:
-        log.debug("task partition cache not written: %s", err)
-    return parts
+    """Training indices of every client for one task's labels, cached on disk by
+    `fedsparse.data.partition_labels` (a fresh ClientApp process per message does not redraw it)."""
+    return partition_labels(labels, "task", kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
 
 
 @lru_cache(maxsize=32)
