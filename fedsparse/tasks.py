@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,8 +31,6 @@ import numpy as np
 
 from fedsparse.continual.streams import Task, domain_stream, permuted_stream, split_stream
 from fedsparse.data import client_split, load_dataset, partition_labels
-
-log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10  # the shared head of every stream
 DOMAIN_ORDER = ("mnist", "usps", "fashion-mnist", "cifar10")
