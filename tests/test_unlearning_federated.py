@@ -185,3 +185,18 @@ def test_the_preset_resolves_with_num_rounds_covering_both_phases():
         pytest.skip("needs ../shared/data")
     cfg = resolve(tomllib.loads((REPO / "simulations" / "presets" / "unlearn-federated.toml").read_text()))
     assert cfg["experiment"] == "unlearn" and cfg["num-rounds"] == cfg["unlearn.train-rounds"] + cfg["unlearn.rounds"]
+
+
+@pytest.mark.slow
+def test_fedsparse_run_of_a_withdrawal_on_ray(tmp_path):
+    """The Flower simulation path: Ray clients, the DEL mask and freeze exchanges, the summary's entries."""
+    import json
+
+    from tests.conftest import fedsparse_run
+
+    fedsparse_run(tmp_path / "run", "experiment=unlearn", "dataset=digits", "model=mlp", "num-clients=3",
+                  "partitioner=iid", "num-rounds=3", "unlearn.train-rounds=2", "unlearn.rounds=1",
+                  "unlearn.method=del")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["unlearn_rounds"] == 1 and summary["unlearn_exchange_bytes"][MASK_MESSAGE]["up"] > 0
+    assert summary["del_mask_fraction"] == pytest.approx(0.3, abs=0.01) and 0 <= summary["mia_auc"] <= 1
