@@ -12,7 +12,8 @@ Handler (registered in `client.handlers.HANDLERS`; `client.client_app` imports t
   statistics of this client's expert at `tact_layers` on its calibration examples (the first `tact-examples` of
   its task's training set), and the per-channel affines that give the received merged model those statistics on
   the same examples (`fit_corrections`, layer after layer); the reply is the record `corrections` with
-  `<layer>.scale` and `<layer>.shift` per layer (a few hundred floats).
+  `<layer>.scale` and `<layer>.shift` per layer (a few hundred floats). When the message carries the record
+  `permutation` (the server aligned this expert), the expert is permuted by it first.
 
 This module also wraps `query.info` for merge runs: a client reports its task's training examples (the bound of
 every train reply's `num-examples`); for every other experiment the plain handler answers unchanged.
@@ -29,6 +30,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from client.handlers import HANDLERS, LocalUpdate, handler, receive_model, train_reply
 from fedsparse import sparse
+from fedsparse.alignment import apply_permutation, permutation_spec
 from fedsparse.merging.statistics import ChannelAffine, fit_corrections, record_channel_stats
 from fedsparse.models import build_model
 from fedsparse.tasks import NUM_CLASSES, Task, stream_tasks
@@ -122,7 +124,12 @@ def tact_corrections(content: RecordDict, state: RecordDict, cfg: dict, partitio
     task = merge_tasks(cfg)[partition_id]
     batches = calibration_batches(task.x_train, int(content["config"]["tact-examples"]))
     expert = build_model(cfg["model"], task.input_shape, NUM_CLASSES)
-    expert.load_state_dict(_tensors(state[EXPERT]))
+    expert_state = _tensors(state[EXPERT])
+    if "permutation" in content:  # the server aligned this expert: take its statistics in the merged order
+        permutation = {name: torch.from_numpy(np.array(index.numpy(), dtype=np.int64))
+                       for name, index in content["permutation"].items()}
+        expert_state = apply_permutation(permutation_spec(cfg["model"], expert), permutation, expert_state)
+    expert.load_state_dict(expert_state)
     layers = tact_layers(expert)
     targets = record_channel_stats(expert, layers, batches)
     merged = build_model(cfg["model"], task.input_shape, NUM_CLASSES)

@@ -148,11 +148,13 @@ def test_the_info_handler_reports_the_task_size_in_a_merge_run_only():
         local_data(plain, 2)[0])
 
 
+@pytest.mark.parametrize("align", [False, True])
 def test_tact_corrections_from_the_clients_give_the_merged_model_each_experts_statistics(tmp_path, task_identity,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, align):
     """Non-local experts of two tasks, merged, TACT on: with task t's corrections active, the merged model's
     per-channel mean and std on client t's calibration examples equal its expert's (1e-4); the corrections are
-    one-off traffic, and the summary's merged accuracy is the corrected model's."""
+    one-off traffic, and the summary's merged accuracy is the corrected model's. With alignment, the expert's
+    statistics are those of the aligned (permuted) expert, in the merged model's channel order."""
     from client.merging import EXPERT, calibration_batches, merge_tasks
     from fedsparse.merging.statistics import AffineHooks, record_channel_stats
     from fedsparse.models import build_model
@@ -171,17 +173,24 @@ def test_tact_corrections_from_the_clients_give_the_merged_model_each_experts_st
     keep.config_namespaces = MergeExperiment.config_namespaces
     keep.check_config = MergeExperiment.check_config
     monkeypatch.setitem(EXPERIMENTS, "merge", keep)
-    cfg = _cfg(tmp_path / "run", 2, method="average", local=False, tact=True, **{"tact-examples": 100})
+    cfg = _cfg(tmp_path / "run", 2, method="average", local=False, tact=True, align=align, **{"tact-examples": 100})
     grid = AppGrid(cfg, 2)
     summary = run_federation(grid, cfg)
     assert grid.handled.count("query.merge_tact") == 2 and summary["bytes_oneoff"] > 0
     experiment = built[0]
+    assert (1 in experiment.permutations) == align
     merged = build_model("mlp", (1, 16, 16), 10)
     merged.load_state_dict(torch.load(tmp_path / "run" / "final_model.pt"))
     for partition, task in enumerate(merge_tasks(cfg)):
         batches = calibration_batches(task.x_train, 100)
         expert = build_model("mlp", (1, 16, 16), 10)
-        expert.load_state_dict(grid.contexts[100 + partition].state[EXPERT].to_torch_state_dict())
+        expert_state = grid.contexts[100 + partition].state[EXPERT].to_torch_state_dict()
+        if partition in experiment.permutations:
+            from fedsparse.alignment import apply_permutation, permutation_spec
+
+            permutation = experiment.permutations[partition]
+            expert_state = apply_permutation(permutation_spec("mlp", expert), permutation, expert_state)
+        expert.load_state_dict(expert_state)
         target = record_channel_stats(expert, experiment.layers, batches)
         hooks = AffineHooks(merged, experiment.layers)
         hooks.set(experiment.corrections[task.name])

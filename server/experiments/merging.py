@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.merging import TACT_MESSAGE, TRAIN_MESSAGE, expert_init_state, merge_tasks, tact_layers
 from fedsparse import replies, sparse
@@ -112,6 +112,7 @@ class MergeExperiment:
         self.expert_accuracy: dict[str, float] = {}
         self.layers = tact_layers(self.model)
         self.corrections: dict[str, dict[str, ChannelAffine]] = {}  # task -> layer -> affine (merge.tact)
+        self.permutations: dict[int, dict[str, torch.Tensor]] = {}  # partition -> its expert's alignment
         self.phases = [Phase(name="experts", task=cfg["merge.stream"], rounds=cfg["merge.expert-rounds"],
                              strategy=self.strategy,
                              evaluators=[CorrectedEvaluator(TaskEvaluator(task, self.device), self.layers,
@@ -167,12 +168,14 @@ class MergeExperiment:
         order = sorted(experts)
         states = [experts[p] for p in order]
         inits = [self.initial_state(p) for p in order]
+        self.permutations.clear()
         if self.cfg["merge.align"] and len(states) > 1:
             spec = permutation_spec(self.cfg["model"], self.model)
             for index in range(1, len(states)):
                 found = weight_matching(spec, states[0], states[index], seed=self.cfg["seed"])
                 states[index] = apply_permutation(spec, found.permutation, states[index])
                 inits[index] = apply_permutation(spec, found.permutation, inits[index])
+                self.permutations[order[index]] = found.permutation
         local_base = self.cfg["merge.local"] and not self.cfg["merge.align"]
         base = self.initial if local_base else weighted_average(inits, [1.0 / len(inits)] * len(inits))
         scale = self.cfg["merge.lambda"] or None
@@ -199,10 +202,16 @@ class MergeExperiment:
     def ask_corrections(self, ctx: PhaseContext, merged: ArrayRecord) -> dict[str, dict[str, ChannelAffine]]:
         """TACT: every client's corrections of the merged model for its task ({task: {layer: affine}}); a client
         that fails or replies a malformed record leaves its task uncorrected (logged)."""
-        content = RecordDict({"model": merged, "config": ConfigRecord(
-            {"tact-examples": self.cfg["merge.tact-examples"]})})
         partitions = {node: partition for partition, node in ctx.nodes.items()}
-        messages = [Message(content, dst_node_id=node, message_type=TACT_MESSAGE) for node in sorted(partitions)]
+        messages = []
+        for node in sorted(partitions):
+            content = RecordDict({"model": merged, "config": ConfigRecord(
+                {"tact-examples": self.cfg["merge.tact-examples"]})})
+            permutation = self.permutations.get(partitions[node])
+            if permutation is not None:  # the client's expert in the merged model's channel order
+                content["permutation"] = ArrayRecord({name: Array(index.numpy().astype(np.int64))
+                                                      for name, index in permutation.items()})
+            messages.append(Message(content, dst_node_id=node, message_type=TACT_MESSAGE))
         found: dict[str, dict[str, ChannelAffine]] = {}
         for reply in ctx.grid.send_and_receive(messages, timeout=ctx.timeout):
             node = int(reply.metadata.src_node_id)
