@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.handlers import handler, local_update, model_and_layout, train_reply
+from client.handlers import example_bound, handler, local_update, model_and_layout, train_reply
 from fedsparse.continual.penalties import FisherEstimate, estimate_fisher
 from fedsparse.continual.procedure import (
     ContinualClientState,
@@ -134,6 +134,7 @@ def continual_procedure(content: RecordDict, state: RecordDict, cfg: dict, parti
                            round_in_task=round_in_task, replay_data=replay_data)
 
 
+@example_bound("continual")
 def examples_bound(cfg: dict, partition_id: int) -> int:
     """The client's training examples summed over every task of the stream: what it reports at discovery, so no
     train reply of any task exceeds it."""

@@ -161,17 +161,29 @@ def _seed(cfg: dict, server_round: int, partition_id: int) -> int:
 # ----------------------------------------------------------------------------------------------- handlers
 
 
+ExampleBound = Callable[[dict, int], int]
+EXAMPLE_BOUNDS: dict[str, ExampleBound] = {}
+"""Experiment name -> (cfg, partition id) -> the examples a client of that experiment reports at discovery, when
+its data is not the run's dataset (a continual client: all its tasks; a merge client: its task)."""
+
+
+def example_bound(experiment: str) -> Callable[[ExampleBound], ExampleBound]:
+    """Register the decorated function as the discovery example count of `experiment`'s clients."""
+    def wrap(fn: ExampleBound) -> ExampleBound:
+        EXAMPLE_BOUNDS[experiment] = fn
+        return fn
+
+    return wrap
+
+
 @handler("query.info")
 def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """Who am I: lets the server map its random node ids to partitions, so sampling is reproducible. The example
-    count bounds every later reply's `num-examples` (a continual run: the client's examples over all its tasks)."""
-    if cfg["experiment"] == "continual":
-        from client.continual import examples_bound
-
-        return RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
-                                                    "num-examples": examples_bound(cfg, partition_id)})})
-    x, _ = local_data(cfg, partition_id)
-    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(x)})})
+    count bounds every later reply's `num-examples` (`EXAMPLE_BOUNDS` for experiments whose data is not the
+    run's dataset)."""
+    bound = EXAMPLE_BOUNDS.get(cfg["experiment"])
+    examples = bound(cfg, partition_id) if bound is not None else len(local_data(cfg, partition_id)[0])
+    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": examples})})
 
 
 def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int, *,

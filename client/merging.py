@@ -15,8 +15,8 @@ Handler (registered in `client.handlers.HANDLERS`; `client.client_app` imports t
   `<layer>.scale` and `<layer>.shift` per layer (a few hundred floats). When the message carries the record
   `permutation` (the server aligned this expert), the expert is permuted by it first.
 
-This module also wraps `query.info` for merge runs: a client reports its task's training examples (the bound of
-every train reply's `num-examples`); for every other experiment the plain handler answers unchanged.
+At discovery a merge client reports its task's training examples (`task_examples`, registered in
+`client.handlers.EXAMPLE_BOUNDS`): the bound of every train reply's `num-examples`.
 
 Invariants: what a client keeps (its expert) lives in Context.state, so it travels with the client-state snapshots
 that make a resumed run exact; the task of client i and its initial model depend only on the run config.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from client.handlers import HANDLERS, LocalUpdate, handler, receive_model, train_reply
+from client.handlers import LocalUpdate, example_bound, handler, receive_model, train_reply
 from fedsparse import sparse
 from fedsparse.alignment import apply_permutation, permutation_spec
 from fedsparse.merging.statistics import ChannelAffine, fit_corrections, record_channel_stats
@@ -139,13 +139,7 @@ def tact_corrections(content: RecordDict, state: RecordDict, cfg: dict, partitio
                        "metrics": MetricRecord({"partition-id": partition_id, "num-examples": len(batches)})})
 
 
-_plain_info = HANDLERS["query.info"]
-
-
-@handler("query.info")
-def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
-    """`query.info`; in a merge run the example count is this client's task's training examples."""
-    if cfg["experiment"] != "merge":
-        return _plain_info(content, state, cfg, partition_id)
-    examples = len(merge_tasks(cfg)[partition_id].y_train)
-    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": examples})})
+@example_bound("merge")
+def task_examples(cfg: dict, partition_id: int) -> int:
+    """What a merge client reports at discovery: its task's training examples (the bound of its replies)."""
+    return len(merge_tasks(cfg)[partition_id].y_train)
