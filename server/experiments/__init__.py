@@ -26,6 +26,7 @@ is a class (or a callable) with a `config_namespaces: frozenset[str]` attribute:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,11 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, Message, RecordDict
 
     from server.strategies.base import FedAvg
+
+log = logging.getLogger("fedsparse")
 
 ClientConfigValue = bool | int | float | str
 
@@ -67,6 +70,19 @@ class PhaseContext:
     out_dir: Path
     phase: Phase
     timeout: float = 3600.0
+
+    def exchange(self, messages: list[Message]) -> dict[int, RecordDict]:
+        """Send one-off `messages` through the (counting) grid and wait up to `timeout`; {node id: reply content}
+        of the replies that carry no error. An error reply is logged with its node id and reason; reading the
+        contents (and rejecting malformed ones) is the hook's."""
+        answers: dict[int, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node_id = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("node %s failed %s: %s", node_id, reply.metadata.message_type, reply.error.reason[:300])
+                continue
+            answers[node_id] = reply.content
+        return answers
 
 
 @dataclass

@@ -254,15 +254,7 @@ class ContinualExperiment:
         """Send `content` to every known client as `message_type`; {node id: reply content} of the replies that
         carry no error (the others are logged)."""
         nodes = [ctx.nodes[partition] for partition in sorted(ctx.nodes)]
-        messages = [Message(content, dst_node_id=node, message_type=message_type) for node in nodes]
-        answers: dict[int, RecordDict] = {}
-        for reply in ctx.grid.send_and_receive(messages, timeout=ctx.timeout):
-            node_id = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                log.warning("node %s failed %s: %s", node_id, message_type, reply.error.reason[:300])
-                continue
-            answers[node_id] = reply.content
-        return answers
+        return ctx.exchange([Message(content, dst_node_id=node, message_type=message_type) for node in nodes])
 
     # ------------------------------------------------------------------------------------------- state
 

@@ -213,13 +213,9 @@ class MergeExperiment:
                                                       for name, index in permutation.items()})
             messages.append(Message(content, dst_node_id=node, message_type=TACT_MESSAGE))
         found: dict[str, dict[str, ChannelAffine]] = {}
-        for reply in ctx.grid.send_and_receive(messages, timeout=ctx.timeout):
-            node = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                log.warning("node %s failed %s: %s", node, TACT_MESSAGE, reply.error.reason[:300])
-                continue
+        for node, content in sorted(ctx.exchange(messages).items()):
             try:
-                found[self.tasks[partitions[node]].name] = self.read_corrections(reply.content)
+                found[self.tasks[partitions[node]].name] = self.read_corrections(content)
             except (ReplyError, KeyError) as err:
                 log.warning("node %s: TACT corrections rejected: %s", node, err)
         return found

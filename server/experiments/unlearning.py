@@ -229,13 +229,7 @@ class UnlearnExperiment:
         without an error (the others are logged). The bytes are counted by the grid and kept per type."""
         before = exchange_bytes(ctx.grid, message_type)
         messages = [Message(content, dst_node_id=node, message_type=message_type) for _, node in sorted(nodes.items())]
-        answers: dict[int, RecordDict] = {}
-        for reply in ctx.grid.send_and_receive(messages, timeout=ctx.timeout):
-            node_id = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                log.warning("node %s failed %s: %s", node_id, message_type, reply.error.reason[:300])
-                continue
-            answers[node_id] = reply.content
+        answers = ctx.exchange(messages)
         self.exchange[message_type] = self.exchange.get(message_type, Bytes()) + (
             exchange_bytes(ctx.grid, message_type) - before)
         return answers
