@@ -197,6 +197,13 @@ SCHEMA: dict[str, Key] = {
                     "and at the task's end", check=_in_unit_open, rule="in (0, 1]"),
     "cl.sfa-beta": Key(float, 0.25, "SFA: weight of the previous task's model in the average",
                        check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1]"),
+    "cl.merge-alpha": Key(float, 0.5, "wise-ft: weight of the newly trained model in (1 - alpha) previous + alpha "
+                          "trained (WiSE-FT's alpha: 1 = finetune, 0 = keep task 1's model)",
+                          check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1]"),
+    "cl.merge-lambda": Key(float, 0.0, "merge-ta: lambda of theta_0 + lambda sum of task vectors (0 = 1 / tasks "
+                           "so far, their mean)", check=lambda v: v >= 0, rule=">= 0"),
+    "cl.merge-density": Key(float, 0.2, "merge-ties: kept fraction of each task vector (TIES trim)",
+                            check=_in_unit_open, rule="in (0, 1]"),
     "cl.penalty": Key(float, 1.0, "l2 / ewc: strength lambda of lambda/2 sum F (w - anchor)^2",
                       check=lambda v: v >= 0, rule=">= 0"),
     "cl.fisher-examples": Key(int, 200, "ewc: examples per client for its Fisher estimate",

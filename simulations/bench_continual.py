@@ -6,7 +6,9 @@ Every run is the continual experiment (`server.experiments.continual`) driven by
 cost). Centralised = one client holding all data (num-clients 1, iid), the SFA paper's setting, through the same code.
 
 Parts (`--parts`, default all):
-- `methods`: finetune, sfa (server-side), sfa-client, l2, ewc, replay on `--stream` (default domains: MNIST -> USPS
+- `methods`: finetune, sfa (server-side), sfa-client, l2, ewc, replay and the "merge after each task" baselines
+  merge-ta, merge-ties, wise-ft (cl.merge-* defaults: TA lambda 1/t, TIES density 0.2, WiSE-FT alpha 0.5) on
+  `--stream` (default domains: MNIST -> USPS
   -> Fashion-MNIST -> CIFAR-10, grey 28x28), centralised and federated (10 clients, Dirichlet 0.3), `--seeds`
   seeds; mean +- sd of average accuracy (ACC), average forgetting (FGT) and backward transfer (BWT).
 - `sweep`: server-side SFA over p in {0.1, 0.25, 0.5, 1.0} x beta in {0.25, 0.5}, federated, `--sweep-seeds` seeds.
@@ -52,7 +54,7 @@ import torch
 from flwr.app import Error, Message, RecordDict
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("finetune", "sfa", "sfa-client", "l2", "ewc", "replay")
+METHODS = ("finetune", "sfa", "sfa-client", "l2", "ewc", "replay", "merge-ta", "merge-ties", "wise-ft")
 PENALTY = {"centralised": {"l2": 0.1, "ewc": 10.0}, "federated": {"l2": 1.0, "ewc": 100.0}}
 SWEEP_P = (0.1, 0.25, 0.5, 1.0)
 SWEEP_BETA = (0.25, 0.5)

@@ -19,6 +19,8 @@ from fedsparse.continual import (
     SFAConfig,
     SFASchedule,
     StreamConfig,
+    TaskMergeConfig,
+    TaskMerger,
     aggregate_fishers,
     average_accuracy,
     average_forgetting,
@@ -406,3 +408,92 @@ def test_domain_stream_full_shapes():
     tasks = domain_stream(image_size=32, train_size=50, test_size=20)  # decodes CIFAR-10's 20k JPEGs (~25 s)
     assert [task.name for task in tasks] == ["mnist", "usps", "fashion-mnist", "cifar10"]
     assert all(task.x_train.shape == (50, 1, 32, 32) and task.classes == tuple(range(10)) for task in tasks)
+
+
+# ------------------------------------------------------------------------------------- merge after each task
+
+
+def _states(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` random float state dicts of one layout (a weight, a bias) plus an equal integer buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(3, 4, generator=generator), "b": torch.randn(4, generator=generator),
+             "n": torch.tensor(7)} for _ in range(count)]
+
+
+def _through(merger: TaskMerger, trained: list[dict[str, torch.Tensor]], start: dict[str, torch.Tensor]
+             ) -> list[dict[str, torch.Tensor]]:
+    """Feed the merger a stream: task t starts from the previous merge (the first from `start`) and ends with
+    `trained[t]`; the merges after every task."""
+    merges = []
+    for state in trained:
+        merger.start_task(merges[-1] if merges else start)
+        merges.append(merger.end_task(state))
+    return merges
+
+
+@pytest.mark.parametrize("scale", [0.7, 0.0])
+def test_task_arithmetic_after_each_task_is_theta0_plus_lambda_sum_of_task_vectors(scale):
+    theta_0, theta_1, theta_2, theta_3 = _states(0, 4)
+    merges = _through(TaskMerger(TaskMergeConfig("merge-ta", scale=scale)), [theta_1, theta_2, theta_3], theta_0)
+    assert all(torch.equal(merges[0][key], theta_1[key]) for key in theta_1)  # no merge after the first task
+    for tasks, merged in ((2, merges[1]), (3, merges[2])):
+        lam = scale or 1.0 / tasks  # 0 = the mean of the task vectors
+        for key in ("w", "b"):
+            by_hand = theta_0[key] + lam * sum(state[key] - theta_0[key] for state in (theta_1, theta_2, theta_3)[:tasks])
+            torch.testing.assert_close(merged[key], by_hand, rtol=0, atol=1e-6)
+        assert torch.equal(merged["n"], theta_0["n"])
+    if scale == 0.0:  # lambda 1/t: the plain average of the per-task models
+        torch.testing.assert_close(merges[2]["w"], (theta_1["w"] + theta_2["w"] + theta_3["w"]) / 3)
+
+
+def test_ties_after_each_task_by_hand():
+    theta_0 = {"w": torch.zeros(5)}
+    theta_1 = {"w": torch.tensor([4.0, -1.0, 0.5, -3.0, 0.2])}  # density 0.4: keeps 4 and -3
+    theta_2 = {"w": torch.tensor([-2.0, 0.1, 5.0, -1.0, 0.3])}  # keeps -2 and 5
+    merger = TaskMerger(TaskMergeConfig("merge-ties", density=0.4))
+    merges = _through(merger, [theta_1, theta_2], theta_0)
+    # elected signs of the trimmed sums (2, 0, 5, -3, 0): +, majority (+), +, -, +; -2 disagrees with + and drops
+    torch.testing.assert_close(merges[1]["w"], torch.tensor([4.0, 0.0, 5.0, -3.0, 0.0]))
+    assert len(merger.task_models) == 2 and torch.equal(merger.task_models[1]["w"], theta_2["w"])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_wise_ft_after_each_task_interpolates_with_the_task_start(alpha):
+    theta_0, theta_1, theta_2, theta_3 = _states(1, 4)
+    merger = TaskMerger(TaskMergeConfig("wise-ft", alpha=alpha))
+    merges = _through(merger, [theta_1, theta_2, theta_3], theta_0)
+    assert merger.task_models == []  # WiSE-FT keeps only the task's start
+    assert all(torch.equal(merges[0][key], theta_1[key]) for key in theta_1)
+    for index in (1, 2):
+        trained = (theta_2, theta_3)[index - 1]
+        for key in ("w", "b"):
+            expected = (1 - alpha) * merges[index - 1][key] + alpha * trained[key]
+            torch.testing.assert_close(merges[index][key], expected, rtol=0, atol=1e-6)
+    if alpha == 1.0:  # fine-tuning, exactly
+        assert all(torch.equal(merges[2][key], theta_3[key]) for key in theta_3)
+    if alpha == 0.0:  # the first task's model, for ever
+        assert all(torch.equal(merges[2][key], theta_1[key]) for key in theta_1)
+
+
+@pytest.mark.parametrize("method", ["merge-ta", "merge-ties", "wise-ft"])
+def test_task_merger_state_round_trip_continues_identically(method):
+    states = _states(2, 5)
+    config = TaskMergeConfig(method, alpha=0.3)
+    merger = TaskMerger(config)
+    merges = _through(merger, states[1:3], states[0])
+    restored = TaskMerger(config)
+    restored.load_state_dict(merger.state_dict())
+    for each in (merger, restored):
+        each.start_task(merges[-1])
+    first, second = merger.end_task(states[3]), restored.end_task(states[3])
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert not torch.equal(first["w"], states[3]["w"])  # it did merge
+
+
+def test_task_merge_config_refuses_bad_values():
+    for kwargs, match in (({"method": "merge"}, "unknown merge-after-task"), ({"alpha": 1.5}, "alpha"),
+                          ({"scale": -1.0}, "scale"), ({"density": 0.0}, "density")):
+        with pytest.raises(ValueError, match=match):
+            TaskMergeConfig(**{"method": "merge-ta", **kwargs})
+    with pytest.raises(RuntimeError, match="before start_task"):
+        TaskMerger(TaskMergeConfig("wise-ft")).end_task(_states(0, 1)[0])

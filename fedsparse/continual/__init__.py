@@ -5,6 +5,7 @@
 - `penalties`: L2 / EWC quadratic penalties toward an anchor, the diagonal Fisher and its aggregation.
 - `replay`: a bounded, seeded per-client buffer of past-task examples.
 - `metrics`: accuracy matrix metrics (average accuracy, forgetting, backward transfer), CSV and heat map.
+- `merge_after_task`: the "merge after each task" baselines (Task Arithmetic, TIES, WiSE-FT) as a `TaskMerger`.
 - `driver`: `run_stream`, a centralised trainer through a stream with one method.
 - `procedure`: the local training procedure of each method in a federated run (data, objective, callbacks) and
   what a client keeps between rounds (anchor, Fisher, replay index).
@@ -19,6 +20,7 @@ from fedsparse.continual.driver import (
     steps_per_task,
     train_task,
 )
+from fedsparse.continual.merge_after_task import MERGE_AFTER_TASK_METHODS, TaskMergeConfig, TaskMerger
 from fedsparse.continual.metrics import (
     ContinualSummary,
     average_accuracy,
@@ -50,6 +52,7 @@ from fedsparse.continual.streams import Task, domain_stream, partition_task, per
 
 __all__ = [
     "FEDERATED_METHODS",
+    "MERGE_AFTER_TASK_METHODS",
     "METHODS",
     "ContinualClientState",
     "ContinualSummary",
@@ -67,6 +70,8 @@ __all__ = [
     "StreamConfig",
     "StreamResult",
     "Task",
+    "TaskMergeConfig",
+    "TaskMerger",
     "aggregate_fishers",
     "average_accuracy",
     "average_forgetting",

@@ -5,7 +5,8 @@ only three things, which `local_procedure` returns as a `LocalProcedure`:
 - the data (`replay`: the client's own data of the current task plus its whole replay buffer of past-task examples),
 - the objective (`l2`, `ewc`: cross-entropy + the quadratic penalty toward the anchor),
 - after-step callbacks (`sfa-client`: SFA's averaging with the anchor inside local training).
-`finetune` and `sfa` (server-side SFA, done on the global model by the server) train as plain FedAvg.
+`finetune`, `sfa` (server-side SFA, done on the global model by the server) and the "merge after each task"
+methods `merge-ta`, `merge-ties`, `wise-ft` (the server merges at a task's end) train as plain FedAvg.
 
 What a client keeps between messages is a `ContinualClientState`: the anchor (the previous task's final global
 model, installed by the server at a task's start), the aggregated Fisher (ewc) and the replay buffer, which holds
@@ -32,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsparse.continual.merge_after_task import MERGE_AFTER_TASK_METHODS
 from fedsparse.continual.penalties import FisherEstimate, QuadraticPenalty, ewc_penalty, l2_penalty
 from fedsparse.continual.replay import ReplayBuffer
 from fedsparse.continual.sfa import SFACallback, SFASchedule, StateDict
 
-FEDERATED_METHODS = ("finetune", "sfa", "sfa-client", "l2", "ewc", "replay")
+FEDERATED_METHODS = ("finetune", "sfa", "sfa-client", "l2", "ewc", "replay", *MERGE_AFTER_TASK_METHODS)
 ANCHOR_METHODS = ("sfa-client", "l2", "ewc")  # the methods whose clients need the anchor
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, logits, targets) -> loss
 StepCallback = Callable[[nn.Module, int], None]  # (model, 1-based step) after every optimiser step
@@ -190,7 +192,7 @@ def local_procedure(settings: MethodSettings, state: ContinualClientState, task:
     if settings.method == "replay" and replay_data is not None and len(replay_data[1]):
         x = np.concatenate([x, replay_data[0].astype(x.dtype)])
         y = np.concatenate([y, replay_data[1].astype(y.dtype)])
-    if anchor is None or settings.method in ("finetune", "sfa", "replay"):
+    if anchor is None or settings.method in ("finetune", "sfa", "replay", *MERGE_AFTER_TASK_METHODS):
         return LocalProcedure(x, y)
     if settings.method == "l2":
         return LocalProcedure(x, y, objective=penalty_objective(l2_penalty(anchor, settings.penalty)))

@@ -15,13 +15,18 @@ train messages are `train.continual` and carry the run's round), evaluated after
   for its diagonal Fisher on the task's data (`query.cl_fisher`), averages them weighted by examples and adds the
   result to the Fishers of the earlier tasks (online EWC).
 - `replay`: nothing on the server; each client keeps its own buffer of past-task examples.
+- `merge-ta`, `merge-ties`, `wise-ft` ("merge after each task", `fedsparse.continual.merge_after_task`): the clients
+  fine-tune; `on_start` tells the `TaskMerger` the task's start model (the first one is theta_0), and `after_round`
+  of a task's last round replaces the trained global model with the merge (Task Arithmetic / TIES of every per-task
+  model against theta_0, or WiSE-FT with the task's start), from the second task on; evaluated after the merge.
 All one-off exchanges go through the phase's (counting) grid, so their bytes are in the run's accounting.
 
 `finish` reads the accuracy matrix R[i][j] (after task i, on task j) off the last round of every phase and writes
 `accuracy_matrix.csv` and `accuracy_matrix.png`; the summary gains average accuracy, average forgetting and backward
 transfer. A centralised run is the same experiment with `num-clients = 1`.
 
-Invariants: the experiment's state (the SFA anchor and schedule position, the accumulated Fisher) is in
+Invariants: the experiment's state (the SFA anchor and schedule position, the accumulated Fisher, the merger's
+theta_0 and per-task models) is in
 `state_dict()`, so a resumed run continues exactly; the anchor of task i is the global model as it was when task i
 started, which is task i-1's final (already averaged) model.
 """
@@ -40,6 +45,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedsparse import replies
 from fedsparse.config import ConfigError
+from fedsparse.continual.merge_after_task import MERGE_AFTER_TASK_METHODS, TaskMergeConfig, TaskMerger
 from fedsparse.continual.metrics import plot_matrix, summarize, write_matrix_csv
 from fedsparse.continual.penalties import FisherEstimate, accumulate_fisher, aggregate_fishers
 from fedsparse.continual.procedure import ANCHOR_METHODS, check_method
@@ -150,6 +156,10 @@ class ContinualExperiment:
         self.sfa: ServerSFA | None = None
         if cfg["cl.method"] == "sfa":
             self.sfa = ServerSFA(SFAConfig(beta=cfg["cl.sfa-beta"], p=cfg["cl.sfa-p"]))
+        self.merger: TaskMerger | None = None
+        if cfg["cl.method"] in MERGE_AFTER_TASK_METHODS:
+            self.merger = TaskMerger(TaskMergeConfig(cfg["cl.method"], alpha=cfg["cl.merge-alpha"],
+                                                     scale=cfg["cl.merge-lambda"], density=cfg["cl.merge-density"]))
         self.fisher: FisherEstimate | None = None  # the sum of the aggregated Fishers of the finished tasks (ewc)
         self.phases: list[Phase] = []
         first_round = 1
@@ -187,7 +197,10 @@ class ContinualExperiment:
 
     def on_start(self, ctx: PhaseContext) -> None:
         """A task starts from the global model `ctx.arrays`: it becomes the anchor (server-side SFA), or is
-        installed on the clients with the Fisher (sfa-client, l2, ewc). Nothing for the first task."""
+        installed on the clients with the Fisher (sfa-client, l2, ewc), or is the merger's task start (merge-ta,
+        merge-ties, wise-ft; the first task's start is theta_0). Nothing else for the first task."""
+        if self.merger is not None:
+            self.merger.start_task(state_of(ctx.arrays))
         if ctx.phase_index == 0:
             if self.sfa is not None:  # the first task is not averaged, but the schedule still counts it
                 self.sfa.start_task(state_of(ctx.arrays), self.phases[0].rounds)
@@ -221,7 +234,10 @@ class ContinualExperiment:
 
     def after_round(self, ctx: PhaseContext, phase_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Server-side SFA after round `phase_round` (1-based within the task): the aggregated global model,
-        averaged with the anchor when the schedule says so."""
+        averaged with the anchor when the schedule says so. Merge after each task: after the task's last round,
+        the merge of the trained global model with what the merger keeps."""
+        if self.merger is not None and phase_round == self.phases[ctx.phase_index].rounds:
+            return ArrayRecord(self.merger.end_task(state_of(arrays)))
         if self.sfa is None:
             return arrays
         current = state_of(arrays)
@@ -262,12 +278,15 @@ class ContinualExperiment:
         """The method's server-side state, for the checkpoint."""
         fisher = None if self.fisher is None else {"diagonal": self.fisher.diagonal,
                                                    "num_examples": self.fisher.num_examples}
-        return {"sfa": None if self.sfa is None else self.sfa.state_dict(), "fisher": fisher}
+        return {"sfa": None if self.sfa is None else self.sfa.state_dict(), "fisher": fisher,
+                "merge": None if self.merger is None else self.merger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved."""
         if self.sfa is not None and state.get("sfa") is not None:
             self.sfa.load_state_dict(state["sfa"])
+        if self.merger is not None and state.get("merge") is not None:
+            self.merger.load_state_dict(state["merge"])
         saved = state.get("fisher")
         self.fisher = None if saved is None else FisherEstimate(
             {key: value.clone() for key, value in saved["diagonal"].items()}, int(saved["num_examples"]))
