@@ -19,6 +19,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+import client.connectivity  # (registers the connectivity experiment's handler)
 import client.continual  # (registers the continual-learning handlers)
 import client.merging  # (registers the merge experiment's handlers)
 import client.unlearning  # noqa: F401  (registers the unlearning handlers)

@@ -41,6 +41,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 SALIENCY_AGGREGATIONS = ("weighted", "mean")
 UNLEARN_METHODS = ("retrain", "finetune", "del")  # the unlearn experiment's phase 2 (server.experiments.unlearning)
+CONN_DATA = ("full", "partition")  # the connectivity experiment's training data (client.connectivity)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
@@ -245,6 +246,19 @@ SCHEMA: dict[str, Key] = {
                             check=lambda v: v >= 0, rule=">= 0"),
     "merge.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,
                            rule=">= 0"),
+    # conn.*: linear mode connectivity as federated rounds (experiment = "connectivity";
+    # server/experiments/connectivity.py)
+    "conn.data": Key(str, "full", "what each client trains its own model on: the whole training set or its partition",
+                     CONN_DATA),
+    "conn.points": Key(int, 11, "interpolation points between two models, ends included", check=lambda v: v >= 2,
+                       rule=">= 2"),
+    "conn.simplex-resolution": Key(int, 4, "3-way barrier: grid steps per edge of the simplex",
+                                   check=lambda v: v >= 1, rule=">= 1"),
+    "conn.eval-examples": Key(int, 2000, "test examples the barriers are measured on (a prefix; 0 = all)",
+                              check=lambda v: v >= 0, rule=">= 0"),
+    "conn.repair": Key(bool, True, "also measure the aligned barrier with REPAIR at every interpolation point"),
+    "conn.calibration-examples": Key(int, 500, "training examples for REPAIR statistics and BatchNorm resets",
+                                     check=lambda v: v >= 1, rule=">= 1"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),

@@ -152,13 +152,14 @@ class TestSetEvaluator:
 
 def _registry() -> dict[str, Callable[[dict], Experiment]]:
     """The experiments, imported here because their modules import the classes above."""
+    from server.experiments.connectivity import ConnectivityExperiment
     from server.experiments.continual import ContinualExperiment
     from server.experiments.merging import MergeExperiment
     from server.experiments.standard import StandardExperiment
     from server.experiments.unlearning import UnlearnExperiment
 
     return {"standard": StandardExperiment, "continual": ContinualExperiment, "unlearn": UnlearnExperiment,
-            "merge": MergeExperiment}
+            "merge": MergeExperiment, "connectivity": ConnectivityExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
