@@ -22,7 +22,9 @@ from flwr.clientapp import ClientApp
 import client.connectivity  # (registers the connectivity experiment's handler)
 import client.continual  # (registers the continual-learning handlers)
 import client.merging  # (registers the merge experiment's handlers)
-import client.unlearning  # noqa: F401  (registers the unlearning handlers)
+import client.transfer  # (registers the transfer experiment's handlers)
+import client.unlearning  # (registers the unlearning handlers)
+import client.unlearning_local  # noqa: F401  (registers the unlearn experiment's registry-method handler)
 from client.handlers import HANDLERS
 from client.state import ClientStateStore, record_state, restore_state
 from fedsparse.config import resolve

@@ -40,7 +40,13 @@ VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block sca
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 SALIENCY_AGGREGATIONS = ("weighted", "mean")
-UNLEARN_METHODS = ("retrain", "finetune", "del")  # the unlearn experiment's phase 2 (server.experiments.unlearning)
+TRANSFER_METHODS = ("data_selection", "static_only", "all_data")  # fedsparse.unlearning.transfer
+# the unlearn experiment's phase 2 (server.experiments.unlearning)
+UNLEARN_METHODS = ("retrain", "finetune", "del", "federaser")
+# fedsparse.unlearning registry methods the unlearn experiment runs as local procedures (client.unlearning_local)
+UNLEARN_LOCAL_METHODS = ("gradient_ascent", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub")
+UNLEARN_FORGET_SETS = ("client", "client-samples", "uniform", "class")  # client.unlearning.forget_split
+UNLEARN_TRANSPORTS = ("dense", "values")  # how the unlearn experiment's DEL rounds carry the model
 CONN_DATA = ("full", "partition")  # the connectivity experiment's training data (client.connectivity)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
@@ -216,7 +222,8 @@ SCHEMA: dict[str, Key] = {
     "cl.test-size": Key(int, 1000, "test examples kept per task (a prefix; 0 = all)", check=lambda v: v >= 0,
                         rule=">= 0"),
     # unlearn.*: client withdrawal as federated rounds (experiment = "unlearn"; server/experiments/unlearning.py)
-    "unlearn.method": Key(str, "del", "how the federation forgets the withdrawn client", UNLEARN_METHODS),
+    "unlearn.method": Key(str, "del", "how the federation forgets the withdrawn client",
+                          UNLEARN_METHODS + UNLEARN_LOCAL_METHODS),
     "unlearn.client": Key(int, 0, "partition id of the client that withdraws (its data is the forget set)",
                           check=lambda v: v >= 0, rule=">= 0"),
     "unlearn.train-rounds": Key(int, 5, "FedAvg rounds on every client before the withdrawal",
@@ -225,6 +232,30 @@ SCHEMA: dict[str, Key] = {
                           check=lambda v: v >= 1, rule=">= 1"),
     "unlearn.alpha": Key(float, 0.3, "del: share of all parameters the withdrawn client's mask selects",
                          check=_in_unit_open, rule="in (0, 1]"),
+    "unlearn.forget": Key(str, "client", "the forget set: a client's data (it withdraws), part of one client's data, "
+                          "part of every client's data, or part of one class's examples", UNLEARN_FORGET_SETS),
+    "unlearn.forget-fraction": Key(float, 0.1, "client-samples / uniform: share of the client's examples forgotten; "
+                                   "class: share of its examples of unlearn.forget-class", check=_in_unit_open,
+                                   rule="in (0, 1]"),
+    "unlearn.forget-class": Key(int, 0, "class: the label whose examples are forgotten", check=lambda v: v >= 0,
+                                rule=">= 0"),
+    "unlearn.federaser-interval": Key(int, 2, "federaser: the server stores the clients' updates every this many "
+                                      "training rounds (one calibration round each)", check=lambda v: v >= 1,
+                                      rule=">= 1"),
+    "unlearn.federaser-epochs": Key(float, 0.5, "federaser: share of the original local steps a calibration round "
+                                    "runs", check=_in_unit_open, rule="in (0, 1]"),
+    "unlearn.transport": Key(str, "values", "del rounds: only the trainable values travel (values) or the dense model",
+                             UNLEARN_TRANSPORTS),
+    "unlearn.local-lr": Key(float, 0.0, "registry methods (client.unlearning_local): the clients' learning rate "
+                            "(0 = the round's lr)", check=lambda v: v >= 0, rule=">= 0"),
+    "unlearn.neggrad-beta": Key(float, 0.99, "neggrad_plus: loss = beta CE(retain) - (1 - beta) CE(forget)",
+                                check=_in_unit_open, rule="in (0, 1]"),
+    "unlearn.l1-coefficient": Key(float, 5e-4, "l1_sparse: L1 weight at the phase start (decays linearly to 0)",
+                                  check=lambda v: v >= 0, rule=">= 0"),
+    "unlearn.salun-fraction": Key(float, 0.5, "salun: share of parameters in the saliency mask",
+                                  check=_in_unit_open, rule="in (0, 1]"),
+    "unlearn.scrub-max-epochs": Key(int, 2, "scrub: the phase's first this-many local epochs run the forget-set "
+                                    "max pass", check=lambda v: v >= 0, rule=">= 0"),
     # merge.*: model merging as federated rounds (experiment = "merge"; server/experiments/merging.py)
     "merge.method": Key(str, "task_arithmetic", "how the server merges the experts (fedsparse.merging.MERGE_METHODS)",
                         MERGE_METHODS),
@@ -238,6 +269,8 @@ SCHEMA: dict[str, Key] = {
                         check=lambda v: v >= 0, rule=">= 0"),
     "merge.local": Key(bool, True, "experts start from the shared initial model (false: each from its own seed)"),
     "merge.align": Key(bool, False, "weight-match every expert (and its init) to the first before merging"),
+    "merge.task-heads": Key(bool, False, "per-task heads: the classifier head is not merged; task i is evaluated "
+                            "with expert i's head"),
     "merge.tact": Key(bool, False, "TACT: per-task correction of the merged model's per-channel statistics to the "
                       "expert's (the clients fit it on their data)"),
     "merge.tact-examples": Key(int, 500, "TACT: calibration examples per client", check=lambda v: v >= 1,
@@ -259,6 +292,28 @@ SCHEMA: dict[str, Key] = {
     "conn.repair": Key(bool, True, "also measure the aligned barrier with REPAIR at every interpolation point"),
     "conn.calibration-examples": Key(int, 500, "training examples for REPAIR statistics and BatchNorm resets",
                                      check=lambda v: v >= 1, rule=">= 1"),
+    # transfer.*: transfer unlearning by data selection as federated rounds (experiment = "transfer";
+    # server/experiments/transfer.py)
+    "transfer.method": Key(str, "data_selection", "what the transfer phase trains on: static + selected pool "
+                           "images, static only, or all target data", TRANSFER_METHODS),
+    "transfer.source-classes": Key(int, 5, "classes below this are the source task, the others the target",
+                                   check=lambda v: v >= 1, rule=">= 1"),
+    "transfer.pretrain-rounds": Key(int, 5, "FedAvg rounds on the source classes", check=lambda v: v >= 1,
+                                    rule=">= 1"),
+    "transfer.rounds": Key(int, 5, "FedAvg rounds on the target classes", check=lambda v: v >= 1, rule=">= 1"),
+    "transfer.static-fraction": Key(float, 0.5, "share of each client's target examples that are static (usable "
+                                    "forever)", check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1]"),
+    "transfer.aux-size": Key(int, 2000, "public static pool: target-class training images after train-subset",
+                             check=lambda v: v >= 1, rule=">= 1"),
+    "transfer.neighbours": Key(int, 1, "data_selection: pool images selected per non-static example",
+                               check=lambda v: v >= 1, rule=">= 1"),
+    # aggregate.*: merging as the aggregation of ordinary rounds (strategies ties, dare; server/strategies/merge_aggregation.py)
+    "aggregate.density": Key(float, 0.2, "ties: share of each client's update kept by the magnitude trim (over the "
+                             "whole update)", check=_in_unit_open, rule="in (0, 1]"),
+    "aggregate.drop": Key(float, 0.5, "dare: share of each update's entries dropped at random (the rest rescaled by "
+                          "1/(1-drop))", check=lambda v: 0.0 <= v < 1.0, rule="in [0, 1)"),
+    "aggregate.lambda": Key(float, 1.0, "ties, dare: the global model moves by lambda x the merged update",
+                            check=lambda v: v > 0, rule="> 0"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),

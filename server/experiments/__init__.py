@@ -156,10 +156,12 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
     from server.experiments.continual import ContinualExperiment
     from server.experiments.merging import MergeExperiment
     from server.experiments.standard import StandardExperiment
+    from server.experiments.transfer import TransferExperiment
     from server.experiments.unlearning import UnlearnExperiment
 
     return {"standard": StandardExperiment, "continual": ContinualExperiment, "unlearn": UnlearnExperiment,
-            "merge": MergeExperiment, "connectivity": ConnectivityExperiment}
+            "merge": MergeExperiment, "transfer": TransferExperiment,
+            "connectivity": ConnectivityExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
