@@ -1,9 +1,11 @@
-"""Client withdrawal as federated rounds: the unlearn experiment (`server.experiments.unlearning`) and its client
-handlers (`client.unlearning`).
+"""Unlearning as federated rounds: the unlearn experiment (`server.experiments.unlearning`) and its client handlers
+(`client.unlearning`): forget sets, retrain / finetune / federated DEL / FedEraser, the masked-values transport of
+the DEL rounds and the freeze mask of a late joiner.
 
 Runs use the offline `digits` dataset, a small MLP and 3 in-process clients running the real ClientApp
-(`RecordingGrid`): 2 FedAvg rounds on all, then 2 unlearning rounds without client 0. The library-level checks of
-DEL (localization, reset, freeze mode) are in the unlearning library's own tests.
+(`RecordingGrid`): 2 FedAvg rounds on all, then 2 unlearning rounds. Runs that several tests read are made once
+per module (`runs`). The library-level checks of DEL (localization, reset, freeze mode) are in the unlearning
+library's own tests.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from client.unlearning import (
     MASK_MESSAGE,
     NO_FREEZE,
     TRAIN_MESSAGE,
+    forget_split,
+    freeze_layout,
     pack_parameter_mask,
     unlearn_mask,
     unpack_parameter_mask,
 )
+from fedsparse import sparse, transport
 from fedsparse.config import ConfigError, resolve
+from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model
 from fedsparse.unlearning.localization import mask_fraction
 from fedsparse.unlearning.methods.deletion_by_localization import head_mask
@@ -36,16 +42,17 @@ RUN = {"experiment": "unlearn", "dataset": "digits", "model": "mlp", "num-client
        "local-epochs": 1, "batch-size": 16, "lr": 0.05, "momentum": 0.5, "seed": 3, "num-rounds": 4}
 
 
-def _cfg(out, method: str, **unlearn: object) -> dict:
+def _cfg(out, method: str, run: dict | None = None, **unlearn: object) -> dict:
     keys = {"method": method, "client": WITHDRAWN, "train-rounds": 2, "rounds": 2, **unlearn}
-    return resolve({**RUN, "output-dir": str(out), "unlearn": keys})
+    return resolve({**RUN, **(run or {}), "output-dir": str(out), "unlearn": keys})
 
 
 class RecordingGrid:
     """In-process nodes (node id 100 + partition) running the real ClientApp, each with its own Context; records
-    every (message type, partition) it delivers."""
+    every (message type, partition) it delivers and every error reply. A partition in `late` connects only once
+    a message of the type it maps to was delivered."""
 
-    def __init__(self, cfg: dict, num_nodes: int) -> None:
+    def __init__(self, cfg: dict, num_nodes: int, late: dict[int, str] | None = None) -> None:
         from flwr.app import Context
 
         from client.client_app import build_app
@@ -54,33 +61,157 @@ class RecordingGrid:
         self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=cfg,
                                           node_config={"partition-id": p, "num-partitions": num_nodes})
                          for p in range(num_nodes)}
+        self.late = dict(late or {})
         self.delivered: list[tuple[str, int]] = []
+        self.errors: list[tuple[str, int, str]] = []
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return [node for node in self.contexts if node - 100 not in self.late]
 
     def send_and_receive(self, messages, timeout=None):
         from flwr.app import Error, Message
 
         answers = []
         for message in messages:
-            self.delivered.append((message.metadata.message_type, message.metadata.dst_node_id - 100))
+            kind, partition = message.metadata.message_type, message.metadata.dst_node_id - 100
+            self.delivered.append((kind, partition))
             try:
                 answers.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as err:  # noqa: BLE001  (as Flower: a client exception is an error reply)
+                self.errors.append((kind, partition, f"{type(err).__name__}: {err}"))
                 answers.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+            self.late = {p: after for p, after in self.late.items() if after != kind}
         return answers
 
 
-def _run(cfg: dict) -> tuple[dict, RecordingGrid]:
+def _run(cfg: dict, grid: RecordingGrid | None = None) -> tuple[dict, RecordingGrid]:
     from server.loop import run_federation
 
-    grid = RecordingGrid(cfg, cfg["num-clients"])
+    grid = grid or RecordingGrid(cfg, cfg["num-clients"])
     return run_federation(grid, cfg), grid
 
 
 def _mlp() -> torch.nn.Module:
     return build_model("mlp", (1, 16, 16), 10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs several tests read, made once: name -> (summary, grid, run folder)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    made: dict[str, tuple[dict, RecordingGrid, object]] = {}
+    settings = {"del": ("del", {"transport": "values"}), "del-dense": ("del", {"transport": "dense"}),
+                "finetune": ("finetune", {})}
+
+    def get(name: str):
+        if name not in made:
+            old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+            torch.set_num_threads(1)
+            try:
+                method, keys = settings[name]
+                out = tmp_path_factory.mktemp(name)
+                summary, grid = _run(_cfg(out, method, **keys))
+                made[name] = (summary, grid, out)
+            finally:
+                TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+        return made[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------------ forget sets
+
+
+@pytest.mark.parametrize("mode", ["client", "client-samples", "uniform", "class"])
+@pytest.mark.parametrize("fraction", [0.1, 0.35])
+def test_forget_split_is_disjoint_exact_in_size_and_deterministic(tmp_path, mode, fraction):
+    cfg = _cfg(tmp_path, "retrain", forget=mode, **{"forget-fraction": fraction, "forget-class": 3})
+    labels = load_dataset("digits", cfg["data-root"]).y_train
+    for partition in range(3):
+        y = labels[client_split(cfg, partition)[0]]
+        split = forget_split(cfg, partition, y)
+        assert np.intersect1d(split.retain, split.forget).size == 0
+        assert np.array_equal(np.sort(np.concatenate([split.retain, split.forget])), np.arange(len(y)))
+        if mode == "class":
+            candidates = int((y == 3).sum())
+            assert len(split.forget) == round(fraction * candidates) and bool((y[split.forget] == 3).all())
+        elif mode == "uniform" or partition == WITHDRAWN:
+            assert len(split.forget) == (len(y) if mode == "client" else round(fraction * len(y)))
+        else:
+            assert len(split.forget) == 0
+        again = forget_split(cfg, partition, y)
+        assert np.array_equal(again.forget, split.forget)
+    other_seed = forget_split({**cfg, "seed": cfg["seed"] + 1}, 1, labels[client_split(cfg, 1)[0]])
+    if mode == "uniform":  # the draw follows the seed (the partition's examples stay the same positions' count)
+        assert not np.array_equal(other_seed.forget, forget_split(cfg, 1, labels[client_split(cfg, 1)[0]]).forget)
+
+
+def test_the_experiments_forget_and_retain_sets_follow_the_clients_split(tmp_path):
+    from server.experiments.unlearning import UnlearnExperiment
+
+    cfg = _cfg(tmp_path, "finetune", forget="uniform", **{"forget-fraction": 0.2})
+    experiment = UnlearnExperiment(cfg)
+    data = load_dataset("digits", cfg["data-root"])
+    sizes = [len(client_split(cfg, p)[0]) for p in range(3)]
+    assert len(experiment.forget) == sum(round(0.2 * n) for n in sizes)
+    assert len(experiment.forget) + len(experiment.retain) == sum(sizes)
+    index = client_split(cfg, 1)[0]
+    split = forget_split(cfg, 1, data.y_train[index])
+    first = sum(round(0.2 * n) for n in sizes[:1])  # client 1's forget examples follow client 0's
+    assert np.array_equal(experiment.forget.x[first:first + len(split.forget)], data.x_train[index[split.forget]])
+
+
+def _tagged_examples(monkeypatch) -> dict[str, list[np.ndarray]]:
+    """Every training example carries its dataset index in pixel (0, 0, 0); records the indices each
+    `train.unlearn` round trains on, by partition."""
+    import client.handlers
+    import client.unlearning
+
+    original_data, original_update = client.handlers.local_data, client.unlearning.local_update
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def local_data(cfg, partition_id, split="train"):
+        x, y = original_data(cfg, partition_id, split)
+        x = x.copy()
+        x[:, 0, 0, 0] = client_split(cfg, partition_id)[0 if split == "train" else 1]
+        return x, y
+
+    def local_update(content, state, cfg, partition_id, *, data=None, **kwargs):
+        seen.setdefault(partition_id, []).append(np.rint(data[0][:, 0, 0, 0]).astype(np.int64))
+        return original_update(content, state, cfg, partition_id, data=data, **kwargs)
+
+    monkeypatch.setattr(client.handlers, "local_data", local_data)
+    monkeypatch.setattr(client.unlearning, "local_update", local_update)
+    return seen
+
+
+@pytest.mark.parametrize("method,mode", [("retrain", "uniform"), ("del", "client-samples")])
+def test_forget_examples_never_reach_a_gradient_in_the_unlearning_rounds(tmp_path, task_identity, monkeypatch,
+                                                                          method, mode):
+    """Each client trains, in every unlearning round, on exactly its retain part (never a forget example); with
+    client-samples the forgetting client keeps training (on its retain part), and del localizes on its forget part."""
+    seen = _tagged_examples(monkeypatch)
+    cfg = _cfg(tmp_path, method, forget=mode, **{"forget-fraction": 0.3})
+    summary, grid = _run(cfg)
+    labels = load_dataset("digits", cfg["data-root"]).y_train
+    forgotten = 0
+    for partition in range(3):
+        index = client_split(cfg, partition)[0]
+        split = forget_split(cfg, partition, labels[index])
+        forgotten += len(split.forget)
+        assert len(seen[partition]) == 2  # both unlearning rounds, every client (sample-level: nobody withdraws)
+        for trained_on in seen[partition]:
+            assert np.array_equal(np.sort(trained_on), index[split.retain])
+            assert np.intersect1d(trained_on, index[split.forget]).size == 0
+    assert summary["forget_examples"] == forgotten > 0 and summary["unlearn_forget"] == mode
+    assert not grid.errors
+    if method == "del":
+        assert grid.delivered.count((MASK_MESSAGE, WITHDRAWN)) == 1 and (FREEZE_MESSAGE, WITHDRAWN) in grid.delivered
+
+
+# ------------------------------------------------------------------------------------------------ DEL
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.3])
@@ -104,14 +235,18 @@ def test_the_withdrawing_clients_del_mask_selects_alpha_of_the_parameters_in_who
     assert np.array_equal(pack_parameter_mask(mask, model), bits)
 
 
-def test_federated_del_changes_only_the_mask_and_head_never_trains_the_withdrawn_client(tmp_path, task_identity):
-    cfg = _cfg(tmp_path / "del", "del")
-    summary, grid = _run(cfg)
-    saved = torch.load(tmp_path / "del" / "checkpoint.pt", weights_only=False)["experiment"]
+def _trainable(run_dir) -> tuple[dict, dict, dict]:
+    """(trained model, final model, trainable mask = localization mask + head) of a del run."""
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["experiment"]
     trained, mask = saved["trained"], saved["mask"]
-    final = torch.load(tmp_path / "del" / "final_model.pt")
-    model = _mlp()
-    trainable = {name: mask[name] | head_mask(model).get(name, torch.zeros_like(mask[name])) for name in mask}
+    final = torch.load(run_dir / "final_model.pt")
+    head = head_mask(_mlp())
+    return trained, final, {name: mask[name] | head.get(name, torch.zeros_like(mask[name])) for name in mask}
+
+
+def test_federated_del_changes_only_the_mask_and_head_never_trains_the_withdrawn_client(runs):
+    summary, grid, run_dir = runs("del")
+    trained, final, trainable = _trainable(run_dir)
     for name, keep in trainable.items():  # outside the mask and head: bit-identical after the unlearning phase
         assert torch.equal(final[name][~keep], trained[name][~keep]), name
     changed = sum(int((final[n] != trained[n])[trainable[n]].sum()) for n in trainable)
@@ -122,17 +257,106 @@ def test_federated_del_changes_only_the_mask_and_head_never_trains_the_withdrawn
     assert (TRAIN_MESSAGE, WITHDRAWN) not in grid.delivered and (FREEZE_MESSAGE, WITHDRAWN) not in grid.delivered
     assert unlearning.count((TRAIN_MESSAGE, 1)) == 2 and unlearning.count((TRAIN_MESSAGE, 2)) == 2
     assert [kind for kind, _ in grid.delivered].count("train") == 6  # phase 1 trained all three
+    assert not grid.errors
     # the mask record's bytes are one-off traffic: exactly what a finetune run (same discovery) does not spend
     exchange = summary["unlearn_exchange_bytes"]
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in _mlp().parameters())
     assert exchange[MASK_MESSAGE]["up"] >= math.ceil(total / 8)
-    finetune, _ = _run(_cfg(tmp_path / "finetune", "finetune"))
+    finetune = runs("finetune")[0]
     assert summary["bytes_oneoff"] - finetune["bytes_oneoff"] == summary["unlearn_oneoff_bytes"] == sum(
         counted["down"] + counted["up"] for counted in exchange.values())
-    # the rounds cost what finetune's do, but for the freeze fingerprint (16 characters, not "none") in 4 messages
-    assert summary["unlearn_rounds"] == 2
-    assert summary["unlearn_round_bytes"] - finetune["unlearn_round_bytes"] == 4 * (16 - len(NO_FREEZE))
+    assert summary["unlearn_rounds"] == 2 and summary["unlearn_transport"] == "values"
     assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["phases"][1]["name"] == "unlearn:del"
+
+
+def test_dense_del_rounds_cost_what_finetune_rounds_do_but_the_fingerprint(runs):
+    """With the dense transport the DEL rounds carry the whole model: finetune's bytes, but for the freeze
+    fingerprint (16 characters, not "none") in the 4 train messages."""
+    dense, finetune = runs("del-dense")[0], runs("finetune")[0]
+    assert dense["unlearn_round_bytes"] - finetune["unlearn_round_bytes"] == 4 * (16 - len(NO_FREEZE))
+
+
+def test_masked_values_transport_moves_only_the_trainable_values_and_leaves_the_model_bit_identical(runs):
+    """The values transport: the same final model, bit for bit, as the dense one; each of the 4 train messages and
+    its reply carry the trainable values instead of the whole model (exact count), and the freeze install carries
+    the frozen values once per client."""
+    values, _, values_dir = runs("del")
+    dense, _, dense_dir = runs("del-dense")
+    final_values, final_dense = torch.load(values_dir / "final_model.pt"), torch.load(dense_dir / "final_model.pt")
+    assert final_values.keys() == final_dense.keys()
+    assert all(torch.equal(final_values[k], final_dense[k]) for k in final_values)
+    _, _, trainable = _trainable(values_dir)
+    model = _mlp()
+    layout, standard = freeze_layout(model), sparse.Layout.of(model.state_dict(), [])
+    kept = sum(int(t.sum()) for t in trainable.values())
+    total = sum(p.numel() for p in model.parameters())
+    assert sparse.num_values(layout, trainable) == (kept, 0)  # the MLP has no buffers
+
+    def payload(num_values: int, num_dense: int) -> int:
+        return transport.make_payload(torch.zeros(num_values), torch.zeros(num_dense), "float32").count_bytes()
+
+    per_message = payload(0, standard.num_dense) - payload(kept, 0)  # the same in a train message and its reply
+    fingerprint = 16 - len(sparse.NO_MASK)  # mask-fingerprint: the freeze fingerprint instead of "dense", both ways
+    assert dense["unlearn_round_bytes"] - values["unlearn_round_bytes"] == 4 * 2 * (per_message - fingerprint)
+    assert per_message >= 4 * (total - kept)
+    down = {kind: counted["down"] for kind, counted in values["unlearn_exchange_bytes"].items()}
+    dense_down = {kind: counted["down"] for kind, counted in dense["unlearn_exchange_bytes"].items()}
+    frozen_values = transport.make_payload(torch.zeros(total - kept), torch.zeros(0), "float32")["values"]
+    assert down[FREEZE_MESSAGE] - dense_down[FREEZE_MESSAGE] == 2 * ArrayRecord({"values": frozen_values}).count_bytes()
+
+
+def test_a_client_that_joins_late_gets_the_freeze_mask_before_its_first_del_round(tmp_path, task_identity):
+    """Client 2 connects only after the freeze mask was installed on the others: the unlearning strategy installs
+    it (with the frozen values) before client 2's first train message, which then trains in freeze mode."""
+    cfg = _cfg(tmp_path, "del", run={"min-clients": 2})
+    grid = RecordingGrid(cfg, 3, late={2: FREEZE_MESSAGE})
+    summary, grid = _run(cfg, grid)
+    assert not grid.errors
+    assert (TRAIN_MESSAGE, 2) in grid.delivered and "train" not in [k for k, p in grid.delivered if p == 2]
+    assert grid.delivered.index((FREEZE_MESSAGE, 2)) < grid.delivered.index((TRAIN_MESSAGE, 2))
+    assert grid.delivered.count((TRAIN_MESSAGE, 2)) == 2 and grid.delivered.count((FREEZE_MESSAGE, 2)) == 1
+    trained, final, trainable = _trainable(tmp_path)
+    for name, keep in trainable.items():
+        assert torch.equal(final[name][~keep], trained[name][~keep]), name
+    assert summary["unlearn_exchange_bytes"][FREEZE_MESSAGE]["down"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ FedEraser
+
+
+def test_federaser_calibration_takes_the_stored_norm_and_the_new_direction_per_tensor():
+    from server.experiments.unlearning import calibrate, stored_rounds
+
+    layout = sparse.Layout(("a",), ("b", "c"), {"a": (2,), "b": (1,), "c": (2,)})
+    old = torch.tensor([3.0, 4.0, 2.0, 1.0, 1.0])  # a: norm 5, b: norm 2, c: norm sqrt 2
+    new = torch.tensor([0.6, 0.8, -5.0, 0.0, 0.0])  # a: unit direction, b: direction -1, c: all zero
+    assert torch.equal(calibrate(old, new, layout), torch.tensor([3.0, 4.0, -2.0, 0.0, 0.0]))
+    doubled = torch.tensor([1.2, 1.6, -0.5, 3.0, 4.0])  # the new update's scale never matters
+    assert torch.allclose(calibrate(old, doubled, layout), torch.tensor([3.0, 4.0, -2.0, 0.6 * 2**0.5,
+                                                                         0.8 * 2**0.5]))
+    with pytest.raises(ValueError):
+        calibrate(old, new[:4], layout)
+    assert stored_rounds(5, 2) == [1, 3, 5] and stored_rounds(4, 2) == [1, 3] and stored_rounds(3, 1) == [1, 2, 3]
+
+
+def test_federaser_replays_the_stored_rounds_without_the_withdrawn_client(tmp_path, task_identity, monkeypatch):
+    """train-rounds 3, interval 2: rounds 1 and 3 are stored (the two remaining clients' updates), the replay is 2
+    calibration rounds from the initial model, on ceil(0.5 n) examples, and the withdrawn client is never asked."""
+    seen = _tagged_examples(monkeypatch)
+    cfg = _cfg(tmp_path, "federaser", run={"num-rounds": 5}, **{"train-rounds": 3, "federaser-interval": 2,
+                                                                "federaser-epochs": 0.5})
+    summary, grid = _run(cfg)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["experiment"]["federaser-updates"]
+    assert sorted(saved) == [1, 3] and all(sorted(kept) == [1, 2] for kept in saved.values())
+    total = sum(p.numel() for p in _mlp().parameters())
+    assert summary["federaser_stored_bytes"] == 2 * 2 * 4 * total and summary["federaser_stored_rounds"] == 2
+    unlearning = grid.delivered[grid.delivered.index((TRAIN_MESSAGE, 1)):]
+    assert all(partition != WITHDRAWN for _, partition in unlearning)
+    assert unlearning.count((TRAIN_MESSAGE, 1)) == 2 and unlearning.count((TRAIN_MESSAGE, 2)) == 2
+    for partition in (1, 2):
+        size = len(client_split(cfg, partition)[0])
+        assert [len(trained_on) for trained_on in seen[partition]] == [math.ceil(0.5 * size)] * 2
+    assert not grid.errors and summary["unlearn_rounds"] == 2 and 0.0 <= summary["mia_auc"] <= 1.0
 
 
 def _scrambled_withdrawn_client(monkeypatch) -> None:
@@ -167,7 +391,10 @@ def test_retrain_never_sees_the_withdrawn_clients_data(tmp_path, task_identity, 
 
 @pytest.mark.parametrize("setting,key", [({"num-rounds": 5}, "'num-rounds'"),
                                          ({"unlearn": {"client": 3}}, "'unlearn.client'"),
-                                         ({"strategy": "ssfl"}, "'strategy'")])
+                                         ({"strategy": "ssfl"}, "'strategy'"),
+                                         ({"unlearn": {"method": "del", "forget": "uniform"}}, "'unlearn.forget'"),
+                                         ({"unlearn": {"method": "federaser", "federaser-interval": 3}},
+                                          "'unlearn.rounds'")])
 def test_withdrawal_settings_are_refused_naming_the_key(setting, key):
     from server.experiments.unlearning import UnlearnExperiment
 
