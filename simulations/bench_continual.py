@@ -106,7 +106,11 @@ def run_once(overrides: dict, workdir: Path) -> dict:
     from fedsparse.tasks import stream_task_names
     from server.loop import TrainingFailed, run_federation
 
-    cfg = resolve({**BASE, **overrides, "output-dir": str(workdir)})
+    settings = {**BASE, **overrides, "output-dir": str(workdir)}
+    if "num-rounds" not in settings:  # the continual experiment wants tasks x cl.rounds-per-task
+        draft = resolve(settings)
+        settings["num-rounds"] = len(stream_task_names(draft["cl.stream"], draft)) * draft["cl.rounds-per-task"]
+    cfg = resolve(settings)
     try:
         summary = run_federation(InProcessGrid(cfg), cfg)
     except TrainingFailed as err:  # e.g. a penalty too strong for the lr: the run diverged; recorded as NaN

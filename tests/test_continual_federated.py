@@ -479,13 +479,15 @@ def test_a_two_task_federated_run_gives_the_accuracy_matrix(tmp_path, task_ident
     assert grid.handled.count("train.continual") == 12 and grid.handled.count("query.info") >= 3
 
 
-@pytest.mark.parametrize("method", ["replay", pytest.param("ewc", marks=pytest.mark.slow),
-                                    pytest.param("sfa-client", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["replay", "merge-ties", pytest.param("ewc", marks=pytest.mark.slow),
+                                    pytest.param("sfa-client", marks=pytest.mark.slow),
+                                    pytest.param("wise-ft", marks=pytest.mark.slow)])
 def test_a_continual_run_killed_mid_task_and_resumed_ends_bit_identical(tmp_path, task_identity, two_task_stream,
                                                                       method):
     """Two tasks of 3 rounds. Uninterrupted, vs killed after the clients answered round 5 (task 2, round 2) and
     resumed with fresh nodes: the server re-runs round 5 from its round-4 checkpoint, the clients rewind their
-    state (replay buffer, anchor, Fisher) from their disk snapshots."""
+    state (replay buffer, anchor, Fisher) from their disk snapshots; merge-ties / wise-ft: the merge at round 6
+    needs theta_0 and task 1's model (or task 2's start) back from the server's checkpoint."""
     from server.loop import run_federation
 
     whole_cfg = _run_config(tmp_path / "whole", method, 3)
@@ -534,7 +536,11 @@ def test_fedsparse_run_of_a_continual_experiment_on_ray(tmp_path):
 
 
 @pytest.mark.parametrize("setting,key", [("num-rounds=3", "'num-rounds'"), ("strategy=ssfl", "'strategy'"),
-                                         ("cl.num-tasks=9", "'cl.num-tasks'")])
+                                         ("cl.num-tasks=9", "'cl.num-tasks'"),
+                                         ("cl.merge-alpha=1.5", "'cl.merge-alpha'"),
+                                         ("cl.merge-lambda=-1", "'cl.merge-lambda'"),
+                                         ("cl.merge-density=0", "'cl.merge-density'"),
+                                         ("cl.method=merge", "'cl.method'")])
 def test_continual_settings_are_refused_before_ray_naming_the_key(tmp_path, capsys, setting, key):
     from fedsparse.cli import main as cli_main
 
@@ -542,3 +548,68 @@ def test_continual_settings_are_refused_before_ray_naming_the_key(tmp_path, caps
             "cl.stream=split-digits", "cl.rounds-per-task=1", "num-rounds=5"]
     assert cli_main(["run", "--set", *base, setting, "--out", str(tmp_path / "run")]) == 2
     assert key in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- merge after each task
+
+
+@pytest.mark.parametrize("method", ["merge-ta", "wise-ft"])
+def test_merge_after_task_replaces_only_a_tasks_last_round_and_not_the_first_task(method):
+    experiment = _experiment(method=method, rounds_per_task=3, merge_lambda=0.5, merge_alpha=0.25)
+    theta_0 = {key: value.clone() for key, value in experiment.model.state_dict().items()}
+    experiment.on_start(_context(experiment, 0, theta_0))
+    for round_in_task in (1, 2, 3):  # task 1: kept as trained
+        moved = {key: value + round_in_task for key, value in theta_0.items()}
+        out = experiment.after_round(_context(experiment, 0, moved), round_in_task, ArrayRecord(moved))
+        assert _same(out.to_torch_state_dict(), moved)
+    theta_1 = moved
+    experiment.on_start(_context(experiment, 1, theta_1))
+    for round_in_task in (1, 2):
+        moved = {key: value * 2.0 for key, value in theta_1.items()}
+        assert _same(experiment.after_round(_context(experiment, 1, moved), round_in_task,
+                                           ArrayRecord(moved)).to_torch_state_dict(), moved)
+    theta_2 = {key: value * 2.0 - 1.0 for key, value in theta_1.items()}
+    merged = experiment.after_round(_context(experiment, 1, theta_2), 3, ArrayRecord(theta_2)).to_torch_state_dict()
+    for key, value in theta_2.items():
+        if method == "merge-ta":
+            expected = theta_0[key] + 0.5 * ((theta_1[key] - theta_0[key]) + (value - theta_0[key]))
+        else:
+            expected = 0.75 * theta_1[key] + 0.25 * value
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-5)
+
+
+def _merge_run(tmp_path, name: str, method: str, **cl: object) -> tuple[dict, dict]:
+    """A two-task run of 2 rounds a task (task_identity and two_task_stream needed); (final model, the merger's
+    state in the last checkpoint)."""
+    from server.loop import run_federation
+
+    cfg = _run_config(tmp_path / name, method, 2, **cl)
+    run_federation(AppGrid(cfg, 3), cfg)
+    checkpoint = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    return torch.load(tmp_path / name / "final_model.pt"), checkpoint["experiment"]["merge"]
+
+
+def test_merge_after_task_runs_by_hand_wise_ft_ends_and_task_arithmetic(tmp_path, task_identity, two_task_stream):
+    """Through the runner and the real clients: the kept per-task models of a merge-ta run are fine-tuning's (task
+    2 starts from task 1's unmerged model), its final model is theta_0 + lambda (tau_1 + tau_2) of them; WiSE-FT
+    with alpha 1 ends exactly as fine-tuning, with alpha 0 exactly on task 1's model."""
+    from fedsparse.results import read_rounds
+    from fedsparse.train import evaluate
+    from server.experiments.continual import ContinualExperiment
+
+    finetuned, _ = _merge_run(tmp_path, "finetune", "finetune")
+    merged, kept = _merge_run(tmp_path, "ta", "merge-ta", **{"merge-lambda": 0.8})
+    theta_0 = ContinualExperiment(_run_config(tmp_path / "x", "merge-ta", 2)).model.state_dict()
+    assert _same(kept["initial"], theta_0) and len(kept["task_models"]) == 2
+    theta_1, theta_2 = kept["task_models"]
+    assert _same(theta_2, finetuned) and not _same(theta_1, theta_2)
+    for key, value in theta_0.items():
+        by_hand = value + 0.8 * ((theta_1[key] - value) + (theta_2[key] - value))
+        torch.testing.assert_close(merged[key], by_hand, rtol=0, atol=1e-6)
+    rows = read_rounds(tmp_path / "ta" / "rounds.csv")  # the matrix's last row is the merged model's accuracy
+    model = _loaded(merged)
+    for name in stream_task_names("split-digits", _cfg())[:2]:
+        task = load_task(name, _cfg())
+        assert rows[-1][f"acc/{name}"] == pytest.approx(evaluate(model, task.x_test, task.y_test)[1])
+    assert _same(_merge_run(tmp_path, "wise1", "wise-ft", **{"merge-alpha": 1.0})[0], finetuned)
+    assert _same(_merge_run(tmp_path, "wise0", "wise-ft", **{"merge-alpha": 0.0})[0], theta_1)
