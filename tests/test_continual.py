@@ -490,6 +490,26 @@ def test_task_merger_state_round_trip_continues_identically(method):
     assert not torch.equal(first["w"], states[3]["w"])  # it did merge
 
 
+def test_centralised_driver_merges_after_each_task(digit_tasks):
+    """run_stream with the merge methods: WiSE-FT alpha 1 is fine-tuning bit for bit, alpha 0 ends on task 1's
+    model; Task Arithmetic's final model is theta_0 + lambda (tau_1 + tau_2), tau_2 of the model fine-tuning
+    trains on task 2 (task 2 starts from task 1's unmerged model)."""
+    def run(method: str, **knobs: float):
+        model = _mlp(digit_tasks)
+        initial = {key: value.clone() for key, value in model.state_dict().items()}
+        result = run_stream(model, digit_tasks, method, StreamConfig(train=FAST_TRAIN, **knobs), keep_states=True)
+        return initial, result.final_states
+
+    theta_0, (theta_1, theta_2) = run("finetune")
+    assert all(torch.equal(run("wise-ft", merge_alpha=1.0)[1][-1][key], value) for key, value in theta_2.items())
+    assert all(torch.equal(run("wise-ft", merge_alpha=0.0)[1][-1][key], value) for key, value in theta_1.items())
+    _, (first, merged) = run("merge-ta", merge_scale=0.6)
+    assert all(torch.equal(first[key], value) for key, value in theta_1.items())
+    for key, value in theta_0.items():
+        torch.testing.assert_close(merged[key], value + 0.6 * ((theta_1[key] - value) + (theta_2[key] - value)),
+                                   rtol=0, atol=1e-6)
+
+
 def test_task_merge_config_refuses_bad_values():
     for kwargs, match in (({"method": "merge"}, "unknown merge-after-task"), ({"alpha": 1.5}, "alpha"),
                           ({"scale": -1.0}, "scale"), ({"density": 0.0}, "density")):

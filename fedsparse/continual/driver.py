@@ -9,12 +9,15 @@ Methods (`METHODS`):
 - `l2`: cross-entropy + lambda/2 ||theta - theta_prev||^2 from the second task on.
 - `ewc`: cross-entropy + lambda/2 sum F (theta - theta_prev)^2, F the accumulated empirical Fisher of past tasks.
 - `replay`: each task trained on its data plus the whole replay buffer of past-task examples.
+- `merge-ta`, `merge-ties`, `wise-ft`: fine-tuning, and at every task's end (from the second on) the model becomes
+  the merge of `merge_after_task.TaskMerger` (Task Arithmetic / TIES of the per-task models against the initial
+  model, or WiSE-FT with the task's start).
 
 Invariants:
 - `train_task` is `fedsparse.train.train_local` (the federated clients' loop) with the penalty as objective: the
   same batches for the same seed, the same optimiser, so without a penalty the same weights bit for bit.
 - Task i trains with seed `config.seed * 1000 + i`; row i of the matrix is measured right after task i ends (after
-  SFA's end-of-task averaging), on every task's test set.
+  SFA's end-of-task averaging, or the merge), on every task's test set.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsparse.continual.merge_after_task import MERGE_AFTER_TASK_METHODS, TaskMergeConfig, TaskMerger
 from fedsparse.continual.penalties import (
     FisherEstimate,
     QuadraticPenalty,
@@ -41,7 +45,7 @@ from fedsparse.continual.sfa import SFACallback, SFAConfig, SFASchedule, StateDi
 from fedsparse.continual.streams import Task
 from fedsparse.train import TrainConfig, evaluate, train_local
 
-METHODS = ("finetune", "sfa", "l2", "ewc", "replay")
+METHODS = ("finetune", "sfa", "l2", "ewc", "replay", *MERGE_AFTER_TASK_METHODS)
 StepCallback = Callable[[nn.Module, int], None]  # (model, 1-based step), called after every optimiser step
 
 
@@ -73,6 +77,9 @@ class StreamConfig:
     fisher_labels: str = "empirical"
     replay_capacity: int = 500
     replay_strategy: str = "reservoir"
+    merge_alpha: float = 0.5  # wise-ft: weight of the newly trained model
+    merge_scale: float = 0.0  # merge-ta: lambda (0 = 1 / tasks so far)
+    merge_density: float = 0.2  # merge-ties: kept fraction of each task vector
 
 
 @dataclass
@@ -137,7 +144,13 @@ def run_stream(model: nn.Module, tasks: Sequence[Task], method: str, config: Str
     buffer = ReplayBuffer(config.replay_capacity, strategy=config.replay_strategy, seed=config.seed)
     anchor: StateDict | None = None  # the previous task's final model
     fisher: FisherEstimate | None = None
+    merger = None
+    if method in MERGE_AFTER_TASK_METHODS:
+        merger = TaskMerger(TaskMergeConfig(method, alpha=config.merge_alpha, scale=config.merge_scale,
+                                            density=config.merge_density))
     for index, task in enumerate(tasks):
+        if merger is not None:
+            merger.start_task({key: value.cpu() for key, value in snapshot(model).items()})
         x, y = (with_replay(task.x_train, task.y_train, buffer) if method == "replay"
                 else (task.x_train, task.y_train))
         penalty: QuadraticPenalty | None = None
@@ -163,6 +176,8 @@ def run_stream(model: nn.Module, tasks: Sequence[Task], method: str, config: Str
         loss = train_task(model, x, y, config.train, seed=config.seed * 1000 + index, penalty=penalty,
                           callbacks=callbacks, device=device)
         result.losses.append(loss)
+        if merger is not None:
+            model.load_state_dict(merger.end_task({key: value.cpu() for key, value in snapshot(model).items()}))
         result.sfa_steps.append(list(sfa_callback.averaged_at) if sfa_callback else [])
         if method == "ewc":
             estimate = estimate_fisher(model, task.x_train, task.y_train, labels=config.fisher_labels,
