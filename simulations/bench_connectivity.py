@@ -77,7 +77,9 @@ class Row:
 
     `comparison`: `pair` (models 0 and 1), `simplex3` (models 0, 1, 2) or `pair12` (models 1 and 2, both aligned to
     model 0). `alignment`: `none`, `final` (permutation found between the final models, applied at this step) or
-    `own` (permutation found at this step). `step`: width multiplier, epoch, or IMP level per part."""
+    `own` (permutation found at this step). `step`: width multiplier, epoch, or IMP level per part.
+    `loss_gap` / `accuracy_gap`: like the barriers but over the grid points strictly inside the segment/simplex and
+    NOT clipped at 0 (negative: every mixture beats the mean of its endpoints; the barriers then read 0)."""
 
     part: str
     model: str
@@ -89,6 +91,8 @@ class Row:
     alignment: str
     loss_barrier: float
     accuracy_barrier: float
+    loss_gap: float
+    accuracy_gap: float
     endpoint_accuracy: float
 
 
@@ -226,10 +230,22 @@ def endpoint_accuracy(result: BarrierResult) -> float:
     return statistics.mean(e.accuracy for w, e in zip(result.weights, result.evaluations, strict=True) if 1.0 in w)
 
 
+def interior_gaps(result: BarrierResult) -> tuple[float, float]:
+    """(max loss excess, max accuracy deficit) over the non-vertex grid points, signed (see `Row`)."""
+    vertex = {w.index(1.0): e for w, e in zip(result.weights, result.evaluations, strict=True) if 1.0 in w}
+    loss_gaps, accuracy_gaps = [], []
+    for weights, evaluation in zip(result.weights, result.evaluations, strict=True):
+        if 1.0 not in weights:
+            loss_gaps.append(evaluation.loss - sum(w * vertex[i].loss for i, w in enumerate(weights)))
+            accuracy_gaps.append(sum(w * vertex[i].accuracy for i, w in enumerate(weights)) - evaluation.accuracy)
+    return max(loss_gaps), max(accuracy_gaps)
+
+
 def make_row(part: str, tool: Connectivity, seed: int, step: int, density: float, comparison: str, alignment: str,
              result: BarrierResult) -> Row:
+    loss_gap, accuracy_gap = interior_gaps(result)
     return Row(part, tool.model_name, tool.width, seed, step, density, comparison, alignment, result.loss_barrier,
-               100 * result.accuracy_barrier, 100 * endpoint_accuracy(result))
+               100 * result.accuracy_barrier, loss_gap, 100 * accuracy_gap, 100 * endpoint_accuracy(result))
 
 
 def run_width(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
@@ -294,19 +310,24 @@ def run_imp(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
     return aligned_sequence("imp", tool, seed, runs[0].states, runs[1].states, densities)
 
 
+METRICS = {  # Row field: (label, decimals)
+    "loss_barrier": ("loss barrier (nats)", 3),
+    "accuracy_barrier": ("accuracy barrier (points)", 1),
+    "loss_gap": ("signed interior loss gap (nats)", 3),
+}
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Mean and sd over seeds of one (part, step, comparison, alignment) cell."""
+    """Mean and sd over seeds of every metric of one (part, step, comparison, alignment) cell."""
 
     part: str
     step: int
     density: float
     comparison: str
     alignment: str
-    loss_mean: float
-    loss_sd: float
-    accuracy_mean: float
-    accuracy_sd: float
+    mean: dict[str, float]
+    sd: dict[str, float]
     endpoint_accuracy: float
     seeds: int
 
@@ -316,16 +337,12 @@ def summarize(rows: Sequence[Row]) -> list[Summary]:
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault((row.part, row.step, row.comparison, row.alignment), []).append(row)
-
-    def spread(values: list[float]) -> float:
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
     table = []
     for (part, step, comparison, alignment), members in groups.items():
-        losses = [r.loss_barrier for r in members]
-        accuracies = [r.accuracy_barrier for r in members]
+        values = {metric: [getattr(r, metric) for r in members] for metric in METRICS}
         table.append(Summary(part, step, statistics.mean(r.density for r in members), comparison, alignment,
-                             statistics.mean(losses), spread(losses), statistics.mean(accuracies), spread(accuracies),
+                             {metric: statistics.mean(v) for metric, v in values.items()},
+                             {metric: statistics.stdev(v) if len(v) > 1 else 0.0 for metric, v in values.items()},
                              statistics.mean(r.endpoint_accuracy for r in members), len(members)))
     return table
 
@@ -334,7 +351,7 @@ STEP_LABEL = {"width": "width", "trajectory": "epoch", "imp": "level (density)"}
 
 
 def markdown_tables(table: Sequence[Summary]) -> str:
-    """One Markdown table per part: rows are steps, columns are comparison/alignment (loss; accuracy barrier)."""
+    """Per part and metric one Markdown table: rows are steps, columns are comparison/alignment (mean ± sd)."""
     blocks = []
     for part in PARTS:
         cells = [s for s in table if s.part == part]
@@ -343,22 +360,22 @@ def markdown_tables(table: Sequence[Summary]) -> str:
         columns = list(dict.fromkeys((s.comparison, s.alignment) for s in cells))
         steps = list(dict.fromkeys(s.step for s in cells))
         header = [STEP_LABEL[part], "endpoint acc %"] + [f"{c}/{a}" for c, a in columns]
-        title = f"### {part}: loss barrier (nats) ; accuracy barrier (points), mean ± sd over {cells[0].seeds} seeds"
-        lines = [title, "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" * 2 + "---:|" * len(columns)]
-        for step in steps:
-            by_column = {(s.comparison, s.alignment): s for s in cells if s.step == step}
-            first = by_column[columns[0]]
-            label = f"x{step}" if part == "width" else (f"{step} ({first.density:.3f})" if part == "imp" else str(step))
-            values = [f"{by_column[c].loss_mean:.3f} ± {by_column[c].loss_sd:.3f} ; "
-                      f"{by_column[c].accuracy_mean:.1f} ± {by_column[c].accuracy_sd:.1f}" for c in columns]
-            lines.append("| " + " | ".join([label, f"{first.endpoint_accuracy:.1f}"] + values) + " |")
-        blocks.append("\n".join(lines))
+        for metric, (label, decimals) in METRICS.items():
+            lines = [f"#### {part}: {label}, mean ± sd over {cells[0].seeds} seeds", "",
+                     "| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(columns)]
+            for step in steps:
+                by_column = {(s.comparison, s.alignment): s for s in cells if s.step == step}
+                first = by_column[columns[0]]
+                name = {"width": f"x{step}", "imp": f"{step} ({first.density:.3f})"}.get(part, str(step))
+                values = [f"{by_column[c].mean[metric]:.{decimals}f} ± {by_column[c].sd[metric]:.{decimals}f}"
+                          for c in columns]
+                lines.append("| " + " | ".join([name, f"{first.endpoint_accuracy:.1f}"] + values) + " |")
+            blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
 def plot(table: Sequence[Summary], out: Path) -> None:
-    """One PNG per part: loss and accuracy barrier vs step, one line per comparison/alignment."""
+    """One PNG per part: each metric vs step, one line per comparison/alignment."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,21 +385,21 @@ def plot(table: Sequence[Summary], out: Path) -> None:
         cells = [s for s in table if s.part == part]
         if not cells:
             continue
-        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        figure, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
         for column in dict.fromkeys((s.comparison, s.alignment) for s in cells):
             line = [s for s in cells if (s.comparison, s.alignment) == column]
             steps = [s.step for s in line]
-            for axis, mean, sd in ((axes[0], "loss_mean", "loss_sd"), (axes[1], "accuracy_mean", "accuracy_sd")):
-                axis.errorbar(steps, [getattr(s, mean) for s in line], yerr=[getattr(s, sd) for s in line],
+            for axis, metric in zip(axes, METRICS, strict=True):
+                axis.errorbar(steps, [s.mean[metric] for s in line], yerr=[s.sd[metric] for s in line],
                               marker="o", capsize=3, label=f"{column[0]} / {column[1]}")
-        for axis, label in ((axes[0], "loss barrier (nats)"), (axes[1], "accuracy barrier (points)")):
+        for axis, (label, _) in zip(axes, METRICS.values(), strict=True):
             axis.set_xlabel(STEP_LABEL[part])
             axis.set_ylabel(label)
             axis.axhline(0, color="grey", linewidth=0.5)
             if part == "width":
                 axis.set_xscale("log", base=2)
         axes[0].legend(fontsize=8)
-        figure.suptitle(f"{part}: barriers on the test subset")
+        figure.suptitle(f"{part}: {cells[0].seeds} seeds, measured on the test subset")
         figure.tight_layout()
         figure.savefig(out / f"{part}.png", dpi=120)
         plt.close(figure)

@@ -150,3 +150,14 @@ def test_train_epochs_rejects_unknown_mask_names():
     x = np.zeros((8, 1, 4, 4), np.float32)
     with pytest.raises(ValueError, match="no parameter"):
         bench.train_epochs(model, x, np.zeros(8, np.int64), epochs=1, lr=0.1, seed=0, masks={"nope": torch.ones(1)})
+
+
+def test_interior_gaps_are_signed_and_skip_the_vertices():
+    from fedsparse.alignment import BarrierResult, Evaluation
+
+    bench = load_bench()
+    result = BarrierResult(weights=((1.0, 0.0), (0.5, 0.5), (0.0, 1.0)),
+                           evaluations=(Evaluation(1.0, 0.8), Evaluation(0.7, 0.9), Evaluation(2.0, 0.6)),
+                           loss_barrier=0.0, accuracy_barrier=0.0)
+    loss_gap, accuracy_gap = bench.interior_gaps(result)
+    assert loss_gap == pytest.approx(0.7 - 1.5) and accuracy_gap == pytest.approx(0.7 - 0.9)
