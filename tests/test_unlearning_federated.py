@@ -50,9 +50,10 @@ def _cfg(out, method: str, run: dict | None = None, **unlearn: object) -> dict:
 class RecordingGrid:
     """In-process nodes (node id 100 + partition) running the real ClientApp, each with its own Context; records
     every (message type, partition) it delivers and every error reply. A partition in `late` connects only once
-    a message of the type it maps to was delivered."""
+    a message of the type it maps to was delivered; `wipe_after` empties one node's state once (a restart)."""
 
-    def __init__(self, cfg: dict, num_nodes: int, late: dict[int, str] | None = None) -> None:
+    def __init__(self, cfg: dict, num_nodes: int, late: dict[int, str] | None = None,
+                 wipe_after: tuple[str, int] | None = None) -> None:
         from flwr.app import Context
 
         from client.client_app import build_app
@@ -62,6 +63,7 @@ class RecordingGrid:
                                           node_config={"partition-id": p, "num-partitions": num_nodes})
                          for p in range(num_nodes)}
         self.late = dict(late or {})
+        self.wipe_after = wipe_after  # (message type, partition): that node's state is lost after the first one
         self.delivered: list[tuple[str, int]] = []
         self.errors: list[tuple[str, int, str]] = []
 
@@ -81,6 +83,9 @@ class RecordingGrid:
                 self.errors.append((kind, partition, f"{type(err).__name__}: {err}"))
                 answers.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
             self.late = {p: after for p, after in self.late.items() if after != kind}
+            if self.wipe_after == (kind, partition):
+                self.contexts[message.metadata.dst_node_id].state = RecordDict()
+                self.wipe_after = None
         return answers
 
 
@@ -102,7 +107,7 @@ def runs(tmp_path_factory):
 
     made: dict[str, tuple[dict, RecordingGrid, object]] = {}
     settings = {"del": ("del", {"transport": "values"}), "del-dense": ("del", {"transport": "dense"}),
-                "finetune": ("finetune", {})}
+                "finetune": ("finetune", {}), "retrain": ("retrain", {})}
 
     def get(name: str):
         if name not in made:
@@ -305,16 +310,22 @@ def test_masked_values_transport_moves_only_the_trainable_values_and_leaves_the_
     assert down[FREEZE_MESSAGE] - dense_down[FREEZE_MESSAGE] == 2 * ArrayRecord({"values": frozen_values}).count_bytes()
 
 
-def test_a_client_that_joins_late_gets_the_freeze_mask_before_its_first_del_round(tmp_path, task_identity):
+def test_a_client_that_joins_late_or_loses_its_state_gets_the_freeze_mask_before_its_next_del_round(
+        tmp_path, task_identity):
     """Client 2 connects only after the freeze mask was installed on the others: the unlearning strategy installs
-    it (with the frozen values) before client 2's first train message, which then trains in freeze mode."""
-    cfg = _cfg(tmp_path, "del", run={"min-clients": 2})
-    grid = RecordingGrid(cfg, 3, late={2: FREEZE_MESSAGE})
+    it (with the frozen values) before client 2's first train message, which then trains in freeze mode. Client 1
+    loses its state after its first unlearning round: its second fails (FreezeMaskMissing), the strategy installs
+    the mask again and its third trains."""
+    cfg = _cfg(tmp_path, "del", run={"min-clients": 2, "num-rounds": 5}, rounds=3)
+    grid = RecordingGrid(cfg, 3, late={2: FREEZE_MESSAGE}, wipe_after=(TRAIN_MESSAGE, 1))
     summary, grid = _run(cfg, grid)
-    assert not grid.errors
     assert (TRAIN_MESSAGE, 2) in grid.delivered and "train" not in [k for k, p in grid.delivered if p == 2]
     assert grid.delivered.index((FREEZE_MESSAGE, 2)) < grid.delivered.index((TRAIN_MESSAGE, 2))
-    assert grid.delivered.count((TRAIN_MESSAGE, 2)) == 2 and grid.delivered.count((FREEZE_MESSAGE, 2)) == 1
+    assert grid.delivered.count((TRAIN_MESSAGE, 2)) == 3 and grid.delivered.count((FREEZE_MESSAGE, 2)) == 1
+    assert [(kind, partition) for kind, partition, _ in grid.errors] == [(TRAIN_MESSAGE, 1)]
+    assert "FreezeMaskMissing" in grid.errors[0][2]
+    client_1 = [kind for kind, partition in grid.delivered if partition == 1 and kind != "query.info"]
+    assert client_1[-5:] == [FREEZE_MESSAGE, TRAIN_MESSAGE, TRAIN_MESSAGE, FREEZE_MESSAGE, TRAIN_MESSAGE]
     trained, final, trainable = _trainable(tmp_path)
     for name, keep in trainable.items():
         assert torch.equal(final[name][~keep], trained[name][~keep]), name
@@ -376,13 +387,14 @@ def _scrambled_withdrawn_client(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("method,independent", [("retrain", True), ("finetune", False)])
-def test_retrain_never_sees_the_withdrawn_clients_data(tmp_path, task_identity, monkeypatch, method, independent):
+def test_retrain_never_sees_the_withdrawn_clients_data(tmp_path, task_identity, monkeypatch, runs, method,
+                                                      independent):
     """The final model of retrain is bit-identical whatever the withdrawn client's data; finetune's is not (it
     starts from the model trained on it), which shows the scrambling reaches the runs."""
-    plain, grid = _run(_cfg(tmp_path / "plain", method))
+    plain, grid, plain_dir = runs(method)
     _scrambled_withdrawn_client(monkeypatch)
     _run(_cfg(tmp_path / "scrambled", method))
-    first = torch.load(tmp_path / "plain" / "final_model.pt")
+    first = torch.load(plain_dir / "final_model.pt")
     second = torch.load(tmp_path / "scrambled" / "final_model.pt")
     assert all(torch.equal(first[k], second[k]) for k in first) == independent
     assert (TRAIN_MESSAGE, WITHDRAWN) not in grid.delivered
