@@ -267,3 +267,39 @@ def test_the_whole_phase_schedules_map_onto_rounds(tmp_path):
     assert phase_settings(cfg, 0.05, PhaseStep(1, 4), seed=0, device="cpu").lr == 0.05  # the round's lr
     with pytest.raises(ValueError, match="phase round"):
         PhaseStep(5, 4)
+
+
+def test_the_preset_resolves_to_a_sample_level_run_of_a_registry_method():
+    import tomllib
+
+    from server.experiments.unlearning import UnlearnExperiment
+    from tests.conftest import REPO
+
+    cfg = resolve(tomllib.loads((REPO / "simulations" / "presets" / "unlearn-fmnist.toml").read_text()))
+    assert cfg["experiment"] == "unlearn" and cfg["unlearn.method"] in LOCAL_METHODS
+    assert cfg["unlearn.forget"] == "uniform" and cfg["dataset"] == "fashion-mnist" and cfg["model"] == "cnn"
+    UnlearnExperiment.check_config(cfg)  # num-rounds covers both phases
+    for method in LOCAL_METHODS:
+        UnlearnExperiment.check_config({**cfg, "unlearn.method": method})
+
+
+def test_a_registry_method_on_a_withdrawal_is_refused_naming_the_key():
+    from fedsparse.config import ConfigError
+    from server.experiments.unlearning import UnlearnExperiment
+
+    cfg = resolve({**RUN, "unlearn": {"method": "neggrad_plus", "forget": "client", "train-rounds": 1, "rounds": 2}})
+    with pytest.raises(ConfigError, match="'unlearn.forget'"):
+        UnlearnExperiment.check_config(cfg)
+
+
+@pytest.mark.slow
+def test_fedsparse_run_of_scrub_rounds_on_ray(tmp_path):
+    """The Flower simulation path: Ray clients run train.unlearn_local (with the teacher record) and reply."""
+    from tests.conftest import fedsparse_run, summary
+
+    fedsparse_run(tmp_path / "run", "experiment=unlearn", "dataset=digits", "model=mlp", "num-clients=3",
+                  "partitioner=iid", "num-rounds=3", "unlearn.train-rounds=2", "unlearn.rounds=1",
+                  "unlearn.method=scrub", "unlearn.forget=uniform")
+    result = summary(tmp_path / "run")
+    assert result["unlearn_method"] == "scrub" and result["unlearn_rounds"] == 1
+    assert result["phases"][1]["name"] == "unlearn:scrub" and 0.0 <= result["mia_auc"] <= 1.0
