@@ -13,7 +13,8 @@ Handler (registered in `client.handlers.HANDLERS`; `client.client_app` imports t
   its task's training set), and the per-channel affines that give the received merged model those statistics on
   the same examples (`fit_corrections`, layer after layer); the reply is the record `corrections` with
   `<layer>.scale` and `<layer>.shift` per layer (a few hundred floats). When the message carries the record
-  `permutation` (the server aligned this expert), the expert is permuted by it first.
+  `permutation` (the server aligned this expert), the expert is permuted by it first. The corrected layers never
+  include the head, so the corrections are the same whether the head is shared or per task (`merge.task-heads`).
 
 At discovery a merge client reports its task's training examples (`task_examples`, registered in
 `client.handlers.EXAMPLE_BOUNDS`): the bound of every train reply's `num-examples`.
@@ -94,10 +95,26 @@ def train_expert(content: RecordDict, state: RecordDict, cfg: dict, partition_id
     return reply
 
 
+def _weight_layers(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+
+
 def tact_layers(model: torch.nn.Module) -> list[str]:
     """The layers TACT corrects, in forward order: every Linear and Conv2d output except the last (the head)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
-    return names[:-1]
+    return _weight_layers(model)[:-1]
+
+
+def head_layer(model: torch.nn.Module) -> str:
+    """The classifier head: the model's last Linear or Conv2d (what `merge.task-heads` keeps per task)."""
+    names = _weight_layers(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to be its head")
+    return names[-1]
+
+
+def head_state(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` that belong to layer `head` (its weight and bias), cloned."""
+    return {key: value.detach().clone() for key, value in state.items() if key.startswith(head + ".")}
 
 
 def calibration_batches(x: np.ndarray, examples: int, batch_size: int = 256) -> list[torch.Tensor]:

@@ -220,3 +220,151 @@ def test_presets_resolve_and_pass_the_experiment_check(preset):
     assert cfg["experiment"] == "merge" and cfg["merge.local"] == (preset == "merge-local")
     assert [task.name for task in MergeExperiment.check_config(cfg)] == [
         "domains:mnist", "domains:usps", "domains:fashion-mnist", "domains:cifar10"]
+
+
+def _recording_experiments(monkeypatch, spy_on_heads: bool = False) -> list:
+    """Make the runner's merge experiments land in the returned list; with `spy_on_heads` every task evaluator is
+    wrapped in a `_HeadSpy`."""
+    from server.experiments import EXPERIMENTS
+    from server.experiments.merging import MergeExperiment
+
+    built: list[MergeExperiment] = []
+
+    def keep(cfg: dict) -> MergeExperiment:
+        built.append(MergeExperiment(cfg))
+        if spy_on_heads:
+            for evaluator in built[-1].phases[0].evaluators:
+                evaluator.evaluator = _HeadSpy(evaluator.evaluator, built[-1].head)
+        return built[-1]
+
+    keep.config_namespaces = MergeExperiment.config_namespaces
+    keep.check_config = MergeExperiment.check_config
+    monkeypatch.setitem(EXPERIMENTS, "merge", keep)
+    return built
+
+
+class _HeadSpy:
+    """Wraps a task's evaluator: records the model's head entries each time the task scores a model."""
+
+    def __init__(self, evaluator, head: str) -> None:
+        self.evaluator, self.head, self.seen = evaluator, head, []
+
+    @property
+    def task(self):
+        return self.evaluator.task
+
+    def __call__(self, model):
+        self.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()
+                          if k.startswith(self.head + ".")})
+        return self.evaluator(model)
+
+
+@pytest.mark.parametrize(("local", "align", "tact"), [(True, False, False), (False, True, True)])
+def test_with_task_heads_task_i_is_scored_with_expert_is_own_head(tmp_path, task_identity, monkeypatch, local, align,
+                                                                  tact):
+    """merge.task-heads: the merge leaves the head out (the merged model keeps the base's head), the evaluator of
+    task i sees exactly expert i's head tensors (the aligned expert's with merge.align) and puts the shared head
+    back afterwards; the summary's merged accuracy is the merged model with that head (and the task's TACT
+    corrections)."""
+    from client.merging import EXPERT, merge_tasks
+    from fedsparse.alignment import apply_permutation, permutation_spec
+    from fedsparse.merging import weighted_average
+    from fedsparse.merging.statistics import AffineHooks
+    from fedsparse.models import build_model
+    from fedsparse.train import evaluate
+    from server.loop import run_federation
+    from tests.test_continual_federated import AppGrid
+
+    built = _recording_experiments(monkeypatch, spy_on_heads=True)
+    cfg = _cfg(tmp_path / "run", 2, method="ties", local=local, align=align, tact=tact,
+               **{"task-heads": True, "tact-examples": 100})
+    grid = AppGrid(cfg, 2)
+    summary = run_federation(grid, cfg)
+    experiment = built[0]
+    head = experiment.head
+    assert summary["merge_task_heads"] is True
+    final = torch.load(tmp_path / "run" / "final_model.pt")
+    spec = permutation_spec("mlp", experiment.model)
+    inits = []
+    for partition in range(2):
+        init = experiment.initial_state(partition)
+        if partition in experiment.permutations:
+            init = apply_permutation(spec, experiment.permutations[partition], init)
+        inits.append(init)
+    base = experiment.initial if local else weighted_average(inits, [0.5, 0.5])
+    head_keys = [k for k in final if k.startswith(head + ".")]
+    assert len(head_keys) == 2 and head_keys[0].split(".")[0] not in experiment.layers
+    for key in head_keys:  # the merge never touched the head: the global model keeps the base's
+        assert torch.equal(final[key], base[key])
+    merged = build_model("mlp", (1, 16, 16), 10)
+    merged.load_state_dict(final)
+    for partition, task in enumerate(merge_tasks(cfg)):
+        expert = experiment.strategy.experts[partition]
+        client_expert = grid.contexts[100 + partition].state[EXPERT].to_torch_state_dict()
+        assert _same({k: expert[k] for k in head_keys}, {k: client_expert[k] for k in head_keys}, atol=1e-6)
+        if partition in experiment.permutations:
+            expert = apply_permutation(spec, experiment.permutations[partition], expert)
+        assert (partition in experiment.permutations) == (align and partition > 0)
+        own = {k: expert[k] for k in head_keys}
+        assert set(experiment.heads[task.name]) == set(head_keys)
+        assert all(torch.equal(experiment.heads[task.name][k], own[k]) for k in head_keys)
+        seen = experiment.phases[0].evaluators[partition].evaluator.seen
+        assert seen and all(torch.equal(seen[-1][k], own[k]) for k in head_keys)
+        assert not torch.equal(own[head_keys[0]], final[head_keys[0]])  # expert heads differ from the shared one
+        # the summary's accuracy is the merged model with this task's head (and corrections)
+        model = build_model("mlp", (1, 16, 16), 10)
+        model.load_state_dict({**final, **own})
+        hooks = AffineHooks(model, experiment.layers)
+        if tact:
+            hooks.set(experiment.corrections[task.name])
+        assert summary["merged_accuracy"][task.name] == evaluate(model, task.x_test, task.y_test)[1]
+        hooks.remove()
+        before = {k: v.clone() for k, v in merged.state_dict().items()}
+        experiment.phases[0].evaluators[partition](merged)
+        assert _same(before, merged.state_dict())  # the shared head is put back
+
+
+def test_a_merge_run_killed_after_round_one_and_resumed_ends_identical(tmp_path, task_identity):
+    """Two expert rounds (non-local, aligned TIES, task heads, TACT): uninterrupted, vs killed after the clients
+    answered round 2 and resumed with fresh nodes from the round-1 checkpoint and the clients' snapshots. The final
+    model is bit-identical and the summary's merge entries and rows equal; resuming the finished run reports them
+    again (the experts' accuracies, corrections and heads come from the checkpoint)."""
+    import json
+    import shutil
+
+    from server.loop import run_federation
+    from tests.test_continual_federated import AppGrid, Stop
+
+    def config(out):
+        return _cfg(out, 2, rounds=2, method="ties", local=False, align=True, tact=True,
+                    **{"task-heads": True, "tact-examples": 50, "expert-epochs": 1})
+
+    whole_cfg = config(tmp_path / "whole")
+    whole = run_federation(AppGrid(whole_cfg, 2), whole_cfg)
+    part_cfg = config(tmp_path / "part")
+    with pytest.raises(Stop):
+        run_federation(AppGrid(part_cfg, 2, stop_after=2), part_cfg)
+    assert torch.load(tmp_path / "part" / "checkpoint.pt")["rows"][-1]["round"] == 1
+    resumed_cfg = part_cfg | {"resume": True}  # the nodes read it too: they restore their snapshots
+    resumed = run_federation(AppGrid(resumed_cfg, 2), resumed_cfg)
+    assert _same(torch.load(tmp_path / "whole" / "final_model.pt"), torch.load(tmp_path / "part" / "final_model.pt"))
+    keys = ("expert_accuracy", "merged_accuracy", "normalized_accuracy", "normalized_accuracy_mean", "merge_tasks")
+    assert {k: whole[k] for k in keys} == {k: resumed[k] for k in keys}
+    # one-off bytes: round 2's TACT exchange once (not twice); the resumed server only re-runs client discovery
+    assert 0 <= resumed["bytes_oneoff"] - whole["bytes_oneoff"] < 1000 < whole["bytes_oneoff"]
+    assert whole["normalized_accuracy_mean"] > 0.3  # the experts trained (mean over the 2 tasks)
+
+    def rows(summary_dir):
+        text = (summary_dir / "rounds.csv").read_text().splitlines()
+        header = text[0].split(",")
+        drop = header.index("seconds")
+        return [[v for i, v in enumerate(line.split(",")) if i != drop] for line in text]
+
+    assert rows(tmp_path / "whole") == rows(tmp_path / "part")
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    again_cfg = config(tmp_path / "again") | {"resume": True}
+    again = run_federation(AppGrid(again_cfg, 2), again_cfg)
+    assert {k: whole[k] for k in keys} == {k: again[k] for k in keys}
+    saved = torch.load(tmp_path / "whole" / "checkpoint.pt")["experiment"]
+    assert set(saved["heads"]) == set(whole["merge_tasks"]) and set(saved["corrections"]) == set(whole["merge_tasks"])
+    json.dumps(whole)  # the summary stays JSON

@@ -17,13 +17,20 @@ the global model: the runner evaluates it on every task (`acc/<task>`, `loss/<ta
 With `merge.tact`, after every merge the server sends the merged model to every client (`query.merge_tact`, one-off
 traffic): each fits, on its calibration examples, the per-channel affines at `client.merging.tact_layers` that give
 the merged model its expert's statistics, and replies them; the evaluator of task i then applies client i's
-corrections while it scores the merged model (TACT: one correction per task; the head stays shared).
+corrections while it scores the merged model (TACT: one correction per task, on the hidden layers only).
+
+With `merge.task-heads` the classifier head (`client.merging.head_layer`, the last layer) is excluded from the merge:
+the merged model keeps the base's head (the shared initial one, or the mean of the initial models' heads) and task
+i is scored with expert i's own head (`heads`, taken from the aligned expert when `merge.align`, so it reads the
+merged model's channel order). With TACT as well, task i gets its corrections on the hidden layers and its head.
 
 `finish` adds to summary.json: the method, the setting, `expert_accuracy` and `merged_accuracy` per task,
 `normalized_accuracy` (merged / expert) per task and its mean `normalized_accuracy_mean`.
 
-Invariants: a train reply's bytes are counted as any round's (`bytes_down` / `bytes_up`); the experts' accuracies
-are in `state_dict()`, so a resumed run reports the same summary; an expert whose reply was rejected is missing
+Invariants: a train reply's bytes are counted as any round's (`bytes_down` / `bytes_up`); the experts' accuracies,
+the TACT corrections and the per-task heads are in `state_dict()`, so a resumed run reports the same summary; a
+merge never changes a head of an expert (with task heads, the evaluator of task i uses expert i's head tensors as
+they came back); an expert whose reply was rejected is missing
 from the merge of that round (logged), and the run fails if no expert came back.
 """
 
@@ -36,7 +43,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.merging import TACT_MESSAGE, TRAIN_MESSAGE, expert_init_state, merge_tasks, tact_layers
+from client.merging import (
+    TACT_MESSAGE,
+    TRAIN_MESSAGE,
+    expert_init_state,
+    head_layer,
+    head_state,
+    merge_tasks,
+    tact_layers,
+)
 from fedsparse import replies, sparse
 from fedsparse.alignment import apply_permutation, permutation_spec, weight_matching
 from fedsparse.config import ConfigError
@@ -111,12 +126,14 @@ class MergeExperiment:
         self.strategy = ExpertStrategy.from_config(cfg, maskable)
         self.expert_accuracy: dict[str, float] = {}
         self.layers = tact_layers(self.model)
+        self.head = head_layer(self.model)
         self.corrections: dict[str, dict[str, ChannelAffine]] = {}  # task -> layer -> affine (merge.tact)
+        self.heads: dict[str, StateDict] = {}  # task -> its expert's head entries (merge.task-heads)
         self.permutations: dict[int, dict[str, torch.Tensor]] = {}  # partition -> its expert's alignment
         self.phases = [Phase(name="experts", task=cfg["merge.stream"], rounds=cfg["merge.expert-rounds"],
                              strategy=self.strategy,
                              evaluators=[CorrectedEvaluator(TaskEvaluator(task, self.device), self.layers,
-                                                            self.corrections) for task in self.tasks],
+                                                            self.corrections, self.heads) for task in self.tasks],
                              client_config={"expert-epochs": cfg["merge.expert-epochs"]},
                              after_round=self.after_round)]
 
@@ -162,7 +179,9 @@ class MergeExperiment:
 
     def merge(self, experts: dict[int, StateDict]) -> StateDict:
         """The merged model of `experts` (partition -> state): aligned to the lowest partition's expert when
-        `merge.align`, task vectors against the mean of the (aligned) initial models, merged by `merge.method`."""
+        `merge.align`, task vectors against the mean of the (aligned) initial models, merged by `merge.method`.
+        With `merge.task-heads` the head is left out of the merge (the base's stays) and `heads` is set to each
+        (aligned) expert's head; otherwise `heads` is emptied."""
         if not experts:
             raise MergeFailed("no expert came back to merge")
         order = sorted(experts)
@@ -176,10 +195,16 @@ class MergeExperiment:
                 states[index] = apply_permutation(spec, found.permutation, states[index])
                 inits[index] = apply_permutation(spec, found.permutation, inits[index])
                 self.permutations[order[index]] = found.permutation
+        self.heads.clear()
+        exclude: tuple[str, ...] = ()
+        if self.cfg["merge.task-heads"]:
+            exclude = (self.head,)
+            self.heads.update({self.tasks[p].name: head_state(state, self.head) for p, state in zip(order, states)})
         local_base = self.cfg["merge.local"] and not self.cfg["merge.align"]
         base = self.initial if local_base else weighted_average(inits, [1.0 / len(inits)] * len(inits))
         scale = self.cfg["merge.lambda"] or None
-        return merge_models(base, states, self.cfg["merge.method"], scale=scale, seed=self.cfg["seed"])
+        return merge_models(base, states, self.cfg["merge.method"], scale=scale, seed=self.cfg["seed"],
+                            exclude=exclude)
 
     def after_round(self, ctx: PhaseContext, phase_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Replace FedAvg's aggregate by the merge of the round's experts; score each expert on its own task."""
@@ -203,15 +228,8 @@ class MergeExperiment:
         """TACT: every client's corrections of the merged model for its task ({task: {layer: affine}}); a client
         that fails or replies a malformed record leaves its task uncorrected (logged)."""
         partitions = {node: partition for partition, node in ctx.nodes.items()}
-        messages = []
-        for node in sorted(partitions):
-            content = RecordDict({"model": merged, "config": ConfigRecord(
-                {"tact-examples": self.cfg["merge.tact-examples"]})})
-            permutation = self.permutations.get(partitions[node])
-            if permutation is not None:  # the client's expert in the merged model's channel order
-                content["permutation"] = ArrayRecord({name: Array(index.numpy().astype(np.int64))
-                                                      for name, index in permutation.items()})
-            messages.append(Message(content, dst_node_id=node, message_type=TACT_MESSAGE))
+        messages = [Message(self.tact_request(partitions[node], merged), dst_node_id=node, message_type=TACT_MESSAGE)
+                    for node in sorted(partitions)]
         found: dict[str, dict[str, ChannelAffine]] = {}
         for node, content in sorted(ctx.exchange(messages).items()):
             try:
@@ -219,6 +237,17 @@ class MergeExperiment:
             except (ReplyError, KeyError) as err:
                 log.warning("node %s: TACT corrections rejected: %s", node, err)
         return found
+
+    def tact_request(self, partition_id: int, merged: ArrayRecord) -> RecordDict:
+        """The content of the `query.merge_tact` message to client `partition_id` about the last `merge`: the merged
+        model, the calibration size and, when that client's expert was aligned, its permutation."""
+        content = RecordDict({"model": merged, "config": ConfigRecord(
+            {"tact-examples": self.cfg["merge.tact-examples"]})})
+        permutation = self.permutations.get(partition_id)
+        if permutation is not None:  # the client's expert in the merged model's channel order
+            content["permutation"] = ArrayRecord({name: Array(index.numpy().astype(np.int64))
+                                                  for name, index in permutation.items()})
+        return content
 
     def read_corrections(self, content: RecordDict) -> dict[str, ChannelAffine]:
         """The `corrections` record of a `query.merge_tact` reply: finite scale and shift per TACT layer, one
@@ -244,10 +273,11 @@ class MergeExperiment:
     # ------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        """The experts' accuracies on their tasks (the last round's)."""
+        """The experts' accuracies on their tasks, the TACT corrections and the per-task heads (the last round's)."""
         corrections = {task: {layer: (affine.scale, affine.shift) for layer, affine in layers.items()}
                        for task, layers in self.corrections.items()}
-        return {"expert_accuracy": dict(self.expert_accuracy), "corrections": corrections}
+        heads = {task: dict(head) for task, head in self.heads.items()}
+        return {"expert_accuracy": dict(self.expert_accuracy), "corrections": corrections, "heads": heads}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved."""
@@ -256,12 +286,15 @@ class MergeExperiment:
         for task, layers in state.get("corrections", {}).items():
             self.corrections[task] = {layer: ChannelAffine(scale.clone(), shift.clone())
                                       for layer, (scale, shift) in layers.items()}
+        self.heads.clear()  # in place: the evaluators hold this dict
+        self.heads.update({task: {key: value.clone() for key, value in head.items()}
+                           for task, head in state.get("heads", {}).items()})
 
     def finish(self, out_dir: Path, rows: list[dict]) -> dict:
         """The summary entries of a merge run: merged and expert accuracy per task and their ratio."""
         extra: dict = {"merge_method": self.cfg["merge.method"], "merge_stream": self.cfg["merge.stream"],
                        "merge_local": self.cfg["merge.local"], "merge_align": self.cfg["merge.align"],
-                       "merge_tact": self.cfg["merge.tact"],
+                       "merge_tact": self.cfg["merge.tact"], "merge_task_heads": self.cfg["merge.task-heads"],
                        "merge_tasks": [task.name for task in self.tasks],
                        "expert_accuracy": dict(self.expert_accuracy)}
         if not rows:
@@ -275,21 +308,42 @@ class MergeExperiment:
 
 
 class CorrectedEvaluator:
-    """A task's evaluator that applies the task's TACT corrections (when `corrections` has them) while it scores
-    the model: per-channel affines on `layers` through forward hooks, removed afterwards."""
+    """A task's evaluator that scores the model as the task sees it: with the task's TACT corrections (when
+    `corrections` has them: per-channel affines on `layers` through forward hooks) and the task's own head (when
+    `heads` has it: its entries copied into the model). The model is left as it came (hooks removed, head put
+    back)."""
 
     def __init__(self, evaluator: TaskEvaluator, layers: list[str],
-                 corrections: dict[str, dict[str, ChannelAffine]]) -> None:
+                 corrections: dict[str, dict[str, ChannelAffine]],
+                 heads: dict[str, StateDict] | None = None) -> None:
         self.evaluator, self.layers, self.corrections = evaluator, layers, corrections
+        self.heads: dict[str, StateDict] = {} if heads is None else heads
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        """The task's metrics of `model`, corrected for the task if corrections exist."""
-        found = self.corrections.get(self.evaluator.task.name)
-        if not found:
-            return self.evaluator(model)
-        hooks = AffineHooks(model, self.layers)
+        """The task's metrics of `model`, with the task's corrections and head where they exist."""
+        name = self.evaluator.task.name
+        found, head = self.corrections.get(name), self.heads.get(name)
+        hooks = AffineHooks(model, self.layers) if found else None
+        shared = swap_entries(model, head) if head else None
         try:
-            hooks.set(found)
+            if hooks is not None:
+                hooks.set(found)
             return self.evaluator(model)
         finally:
-            hooks.remove()
+            if hooks is not None:
+                hooks.remove()
+            if shared is not None:
+                swap_entries(model, shared)
+
+
+def swap_entries(model: torch.nn.Module, entries: StateDict) -> StateDict:
+    """Copy `entries` (state-dict keys of `model`) into the model in place; returns the values they replaced."""
+    state = model.state_dict()
+    unknown = sorted(set(entries) - set(state))
+    if unknown:
+        raise KeyError(f"the model has no entries {unknown[:4]}")
+    replaced = {key: state[key].detach().clone() for key in entries}
+    with torch.no_grad():
+        for key, value in entries.items():
+            state[key].copy_(value)
+    return replaced
