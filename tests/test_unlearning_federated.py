@@ -47,13 +47,18 @@ def _cfg(out, method: str, run: dict | None = None, **unlearn: object) -> dict:
     return resolve({**RUN, **(run or {}), "output-dir": str(out), "unlearn": keys})
 
 
+class Stop(Exception):
+    """Raised by RecordingGrid to kill a run after its clients answered a given round."""
+
+
 class RecordingGrid:
     """In-process nodes (node id 100 + partition) running the real ClientApp, each with its own Context; records
     every (message type, partition) it delivers and every error reply. A partition in `late` connects only once
-    a message of the type it maps to was delivered; `wipe_after` empties one node's state once (a restart)."""
+    a message of the type it maps to was delivered; `wipe_after` empties one node's state once (a restart);
+    `stop_after` kills the run once the clients answered that run round."""
 
     def __init__(self, cfg: dict, num_nodes: int, late: dict[int, str] | None = None,
-                 wipe_after: tuple[str, int] | None = None) -> None:
+                 wipe_after: tuple[str, int] | None = None, stop_after: int | None = None) -> None:
         from flwr.app import Context
 
         from client.client_app import build_app
@@ -64,6 +69,7 @@ class RecordingGrid:
                          for p in range(num_nodes)}
         self.late = dict(late or {})
         self.wipe_after = wipe_after  # (message type, partition): that node's state is lost after the first one
+        self.stop_after = stop_after  # run round after whose train replies the run is killed (never aggregated)
         self.delivered: list[tuple[str, int]] = []
         self.errors: list[tuple[str, int, str]] = []
 
@@ -86,6 +92,10 @@ class RecordingGrid:
             if self.wipe_after == (kind, partition):
                 self.contexts[message.metadata.dst_node_id].state = RecordDict()
                 self.wipe_after = None
+        rounds = {int(m.content["config"]["server-round"]) for m in messages
+                  if m.metadata.message_type.startswith("train")}
+        if self.stop_after is not None and self.stop_after in rounds:
+            raise Stop(f"killed after the clients answered round {self.stop_after}")
         return answers
 
 
@@ -100,14 +110,17 @@ def _mlp() -> torch.nn.Module:
     return build_model("mlp", (1, 16, 16), 10, seed=0)
 
 
+CACHED_RUNS = {"del": ("del", {"transport": "values"}), "del-dense": ("del", {"transport": "dense"}),
+               "finetune": ("finetune", {}), "retrain": ("retrain", {}),
+               "federaser": ("federaser", {"federaser-interval": 1})}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs several tests read, made once: name -> (summary, grid, run folder)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     made: dict[str, tuple[dict, RecordingGrid, object]] = {}
-    settings = {"del": ("del", {"transport": "values"}), "del-dense": ("del", {"transport": "dense"}),
-                "finetune": ("finetune", {}), "retrain": ("retrain", {})}
 
     def get(name: str):
         if name not in made:
@@ -115,7 +128,7 @@ def runs(tmp_path_factory):
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
             torch.set_num_threads(1)
             try:
-                method, keys = settings[name]
+                method, keys = CACHED_RUNS[name]
                 out = tmp_path_factory.mktemp(name)
                 summary, grid = _run(_cfg(out, method, **keys))
                 made[name] = (summary, grid, out)
@@ -330,6 +343,28 @@ def test_a_client_that_joins_late_or_loses_its_state_gets_the_freeze_mask_before
     for name, keep in trainable.items():
         assert torch.equal(final[name][~keep], trained[name][~keep]), name
     assert summary["unlearn_exchange_bytes"][FREEZE_MESSAGE]["down"] > 0
+
+
+@pytest.mark.parametrize("name", ["del", "federaser"])
+def test_a_run_killed_in_its_unlearning_phase_and_resumed_ends_bit_identical(tmp_path, task_identity, runs, name):
+    """Killed after the clients answered round 4 (the second unlearning round) and resumed with fresh nodes from the
+    round-3 checkpoint: the freeze mask (values transport) or FedEraser's stored updates come back from the
+    experiment's state, and the final model and scores are those of the uninterrupted run."""
+    whole, _, whole_dir = runs(name)
+    method, keys = CACHED_RUNS[name]
+    cfg = _cfg(tmp_path, method, **keys)
+    with pytest.raises(Stop):
+        _run(cfg, RecordingGrid(cfg, 3, stop_after=4))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rows"][-1]["round"] == 3
+    resumed_cfg = {**cfg, "resume": True}
+    resumed, grid = _run(resumed_cfg, RecordingGrid(resumed_cfg, 3))
+    final, whole_final = torch.load(tmp_path / "final_model.pt"), torch.load(whole_dir / "final_model.pt")
+    assert all(torch.equal(final[k], whole_final[k]) for k in whole_final)
+    keys = ("forget_accuracy", "retain_accuracy", "test_accuracy_after", "mia_auc", "unlearn_rounds")
+    assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
+    assert not grid.errors and (TRAIN_MESSAGE, WITHDRAWN) not in grid.delivered
+    if name == "del":  # the resumed server installs the freeze mask again before its round
+        assert grid.delivered.index((FREEZE_MESSAGE, 1)) < grid.delivered.index((TRAIN_MESSAGE, 1))
 
 
 # ------------------------------------------------------------------------------------------------ FedEraser
