@@ -181,6 +181,16 @@ def test_the_experiments_forget_and_retain_sets_follow_the_clients_split(tmp_pat
     assert np.array_equal(experiment.forget.x[first:first + len(split.forget)], data.x_train[index[split.forget]])
 
 
+@pytest.mark.parametrize("keys,key", [({"forget": "class", "forget-class": 10}, "'unlearn.forget-class'"),
+                                      ({"forget": "class", "forget-fraction": 0.001}, "'unlearn.forget-fraction'")])
+def test_a_forget_set_that_cannot_exist_is_refused_naming_the_key(tmp_path, keys, key):
+    """digits has 10 classes; 0.1% of a client's ~50 examples of a class rounds to an empty forget set."""
+    from server.experiments.unlearning import UnlearnExperiment
+
+    with pytest.raises(ConfigError, match=key):
+        UnlearnExperiment(_cfg(tmp_path, "finetune", **keys))
+
+
 def _tagged_examples(monkeypatch) -> dict[str, list[np.ndarray]]:
     """Every training example carries its dataset index in pixel (0, 0, 0); records the indices each
     `train.unlearn` round trains on, by partition."""
