@@ -23,9 +23,10 @@ Outputs: `trajectory.csv` (one row per round and client k >= 1: the barriers and
 accuracy), `trajectory.png` (barriers vs round, plain vs aligned vs REPAIR), and summary.json entries (see
 `finish`).
 
-Invariants: the trajectory is in `state_dict()`, so a run resumed after any round reports the same summary; an
-aligned checkpoint computes the same function as the checkpoint (a permutation of hidden units); a client whose
-reply was rejected in a round has no checkpoint that round (logged) and no row for it.
+Invariants: the trajectory is in `state_dict()`, so a run resumed after any round reports the same summary (the
+checkpoint holds K x rounds models: mind it for large models); an aligned checkpoint computes the same function as
+the checkpoint (a permutation of hidden units); a client whose reply was rejected in a round has no checkpoint
+that round (logged) and no row for it.
 """
 
 from __future__ import annotations
@@ -238,9 +239,9 @@ class ConnectivityExperiment:
             return None
         return lambda model: reset_batchnorm_statistics(model, batches)
 
-    def pair_barriers(self) -> list[PairBarriers]:
-        """Client 0 vs every aligned client k at every checkpoint round, plain / aligned / aligned + REPAIR."""
-        permutations = self.alignment()
+    def pair_barriers(self, permutations: dict[int, Permutation]) -> list[PairBarriers]:
+        """Client 0 vs every client k of `permutations` (`alignment()`) at every checkpoint round, plain / aligned /
+        aligned + REPAIR."""
         plain, aligned = self.checkpoints(), self.aligned_checkpoints(permutations)
         evaluate, batches = self.evaluator(), self.calibration()
         reset = self.statistics_reset(batches)
@@ -264,14 +265,14 @@ class ConnectivityExperiment:
                     repaired))
         return found
 
-    def simplex_barriers(self) -> dict[str, float]:
-        """3-way barriers of clients 0, 1, 2 at the last round, plain and aligned ({} with fewer than 3 models)."""
+    def simplex_barriers(self, permutations: dict[int, Permutation]) -> dict[str, float]:
+        """3-way barriers of clients 0, 1, 2 at the last round, plain and aligned by `permutations` ({} unless
+        the three have a model at the last round)."""
         if not self.trajectory:
             return {}
         last_round = max(self.trajectory)
-        if not {0, 1, 2} <= set(self.trajectory[last_round]):
+        if not {0, 1, 2} <= set(self.trajectory[last_round]) or not {1, 2} <= set(permutations):
             return {}
-        permutations = self.alignment()
         aligned = self.aligned_checkpoints(permutations)[last_round]
         evaluate = self.evaluator()
         reset = self.statistics_reset(self.calibration())
@@ -300,7 +301,8 @@ class ConnectivityExperiment:
         (K >= 3), and the last-round test accuracy of every client on the barrier examples."""
         if not self.trajectory:
             return {}
-        pairs = self.pair_barriers()
+        permutations = self.alignment()
+        pairs = self.pair_barriers(permutations)
         table = [pair.row() for pair in pairs]
         write_trajectory_csv(out_dir / TRAJECTORY_CSV, table)
         plot_trajectory(out_dir / TRAJECTORY_PNG, table, title=f"{self.cfg['model']} on {self.cfg['dataset']}, "
@@ -319,7 +321,7 @@ class ConnectivityExperiment:
         extra: dict = {"conn_data": self.cfg["conn.data"], "conn_rounds": last_round,
                        "conn_client_accuracy": accuracy, "conn_final_barriers": final,
                        "conn_final_barriers_mean": mean, "conn_trajectory": TRAJECTORY_CSV}
-        simplex = self.simplex_barriers()
+        simplex = self.simplex_barriers(permutations)
         if simplex:
             extra["conn_simplex"] = simplex
         return extra
