@@ -45,17 +45,18 @@ from torch import nn
 from client.handlers import LocalUpdate, handler, local_data, receive_model, train_reply
 from client.unlearning import client_parts
 from fedsparse import sparse
+from fedsparse.config import UNLEARN_LOCAL_METHODS
 from fedsparse.train import evaluate, pick_device
-from fedsparse.unlearning import UNLEARNING_METHODS, ArrayData, UnlearnConfig, unlearn
+from fedsparse.unlearning import ArrayData, UnlearnConfig, unlearn
 from fedsparse.unlearning.core import Trainer, batches, prepare
 from fedsparse.unlearning.methods.scrub import distillation_kl
 
 LOCAL_TRAIN_MESSAGE = "train.unlearn_local"
 TEACHER_RECORD = "teacher"
 
-LOCAL_METHODS = ("gradient_ascent", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub")
-"""The registry methods the unlearn experiment runs as local procedures (the others, retrain / finetune / del,
-are the experiment's own federated methods)."""
+LOCAL_METHODS = UNLEARN_LOCAL_METHODS
+"""The registry methods the unlearn experiment runs as local procedures (`unlearn.method` choices beyond the
+experiment's own federated methods retrain / finetune / del / federaser)."""
 
 WITHOUT_FORGET_DATA = {"gradient_ascent": "finetune", "neggrad_plus": "finetune", "l1_sparse": "l1_sparse",
                        "random_label": "finetune", "salun": "finetune", "scrub": "scrub"}
@@ -169,11 +170,13 @@ def unlearn_local(content: RecordDict, state: RecordDict, cfg: dict, partition_i
     """A round of a registry method: run it on this client's retain / forget parts, reply the update."""
     config = content["config"]
     method = str(config["unlearn-method"])
-    if method not in LOCAL_METHODS or method not in UNLEARNING_METHODS:
+    if method not in LOCAL_METHODS:
         raise LocalUnlearnError(f"the message asks for '{method}', not a local unlearning method "
                                 f"({', '.join(LOCAL_METHODS)})")
     received = receive_model(content, state, cfg)
     net, layout, masks = received.net, received.layout, received.masks
+    if masks is not None:
+        raise LocalUnlearnError("the registry methods run on the dense model; this message names a sparsity mask")
     start = sparse.gather({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, layout, masks)
     teacher = None
     if TEACHER_RECORD in content:
