@@ -50,6 +50,7 @@ Writes under `--out` (default results/bench_unlearning_federated/): `withdrawal.
 
     .venv/bin/python simulations/bench_unlearning_federated.py --train-subset 6000 --seeds 0 1 2
     .venv/bin/python simulations/bench_unlearning_federated.py --parts score --models 8 --train-subset 3000
+    .venv/bin/python simulations/bench_unlearning_federated.py --collect OUT_SEED0 OUT_SEED1 --out OUT  # merge
 """
 
 from __future__ import annotations
@@ -289,6 +290,23 @@ def plot_withdrawal(path: Path, rows: list[dict], methods: list[str]) -> None:
     plt.close(figure)
 
 
+def write_withdrawal(out: Path, rows: list[dict], methods: list[str]) -> str:
+    """withdrawal.csv, withdrawal.md and withdrawal.png under `out`; returns the markdown table."""
+    write_rows(out / "withdrawal.csv", rows)
+    table = withdrawal_table(rows, methods)
+    (out / "withdrawal.md").write_text(table + "\n")
+    plot_withdrawal(out / "withdrawal.png", rows, methods)
+    return table
+
+
+def collect_withdrawal(args: argparse.Namespace) -> None:
+    """One withdrawal table from the withdrawal.csv of several runs of this script (e.g. one process per seed)."""
+    rows = [row for folder in args.collect for row in read_rows(folder / "withdrawal.csv")]
+    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    print(write_withdrawal(args.out, rows, methods), flush=True)
+
+
 def part_withdrawal(args: argparse.Namespace, base: dict, scratch: Path) -> None:
     """Every method x seed: phase 1, then phase 2 by resume; the table, CSV and plot."""
     rows: list[dict] = []
@@ -307,11 +325,8 @@ def part_withdrawal(args: argparse.Namespace, base: dict, scratch: Path) -> None
             print(f"[bench_unlearning_federated] {method:10s} seed {seed}  forget {100 * row['forget_accuracy']:.1f}"
                   f"  retain {100 * row['retain_accuracy']:.1f}  test {100 * row['test_accuracy_after']:.1f}  "
                   f"MIA {row['mia_auc']:.3f}  {row['seconds']:.0f} s", flush=True)
-            write_rows(args.out / "withdrawal.csv", rows)
-            table = withdrawal_table(rows, args.methods)
-            (args.out / "withdrawal.md").write_text(table + "\n")
+            table = write_withdrawal(args.out, rows, args.methods)
     print(table, flush=True)
-    plot_withdrawal(args.out / "withdrawal.png", rows, args.methods)
 
 
 # -------------------------------------------------------------------------------------------------- score
@@ -478,6 +493,12 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV written by `write_rows`, numbers parsed (`parse_value`)."""
+    with path.open(newline="") as handle:
+        return [{key: parse_value(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
 def parse_value(text: str) -> object:
     """A `--set` value: int, float, true/false, else the string."""
     for kind in (int, float):
@@ -515,6 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any run-config override")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_unlearning_federated")
+    parser.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
+                        help="run nothing: merge the withdrawal.csv of these --out folders into --out")
     args = parser.parse_args(argv)
     if args.models < 3:
         parser.error("--models must be >= 3 (the forgetting score's minimum)")
@@ -535,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.oracle_rounds == 0:
         args.oracle_rounds = int(base["unlearn.train-rounds"])
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.collect:
+        collect_withdrawal(args)
+        return
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_unlearning_federated_") as scratch:
         for part in args.parts:

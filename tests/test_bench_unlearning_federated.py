@@ -120,3 +120,24 @@ def test_mean_sd_and_score_row_by_hand():
     assert row["models"] == 3 and row["forget_examples"] == 2
     halved = [bench.ModelScores(c, 0.4, 0.7, 0.1) for c in confidences]
     assert bench.score_row("m", halved, same)[0]["score"] == 0.5  # retain ratio 0.4 / 0.8
+
+
+def _summary(forget: float) -> dict:
+    return {"forget_accuracy": forget, "retain_accuracy": 0.8, "test_accuracy_after": 0.7, "mia_auc": 0.5,
+            "fraction_changed": 0.3, "unlearn_rounds": 5, "unlearn_round_bytes": 2_000_000,
+            "unlearn_oneoff_bytes": 3_000,
+            "before": {"forget_accuracy": 0.9, "retain_accuracy": 0.85, "test_accuracy": 0.8, "mia_auc": 0.55}}
+
+
+def test_collect_merges_per_seed_tables(tmp_path):
+    bench = _bench()
+    for seed, forget in ((0, 0.1), (1, 0.3)):
+        row = bench.withdrawal_row("del", seed, bench.PhaseTwo(_summary(forget), tmp_path, 12.0))
+        bench.write_rows(tmp_path / f"s{seed}" / "withdrawal.csv", [row])
+    bench.main(["--collect", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "all")])
+    table = (tmp_path / "all" / "withdrawal.md").read_text().splitlines()
+    assert table[2].startswith("| trained (before) | 90.0 +- 0.0 | 85.0 +- 0.0 | 80.0 +- 0.0 | 0.550 +- 0.000 |")
+    assert table[3] == "| del | 20.0 +- 14.1 | 80.0 +- 0.0 | 70.0 +- 0.0 | 0.500 +- 0.000 | 30.0 +- 0.0 | 5 | 2.0 | 3 " \
+                       "| 12 +- 0 |"
+    assert len(bench.read_rows(tmp_path / "all" / "withdrawal.csv")) == 2
+    assert (tmp_path / "all" / "withdrawal.png").stat().st_size > 0
