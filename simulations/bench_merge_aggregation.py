@@ -18,6 +18,8 @@ accuracy per round, run and strategy), `table.md` (final and best accuracy mean 
 
     .venv/bin/python simulations/bench_merge_aggregation.py                       # 3 strategies x seeds 0 1 2
     .venv/bin/python simulations/bench_merge_aggregation.py --strategies fedavg ties --seeds 0 --rounds 2
+    .venv/bin/python simulations/bench_merge_aggregation.py --seeds 2 --out /tmp/seed2   # a second process, then:
+    .venv/bin/python simulations/bench_merge_aggregation.py --combine results/bench_merge_aggregation /tmp/seed2
 """
 
 from __future__ import annotations
@@ -122,7 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--train-subset", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_merge_aggregation")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
+                        help="run nothing: write --out's files from the runs.csv / rounds.csv of these folders "
+                             "(seeds run by separate processes)")
     args = parser.parse_args(argv)
+    if args.combine:
+        combine(args)
+        return
     torch.set_num_threads(1)
     logging.getLogger("fedsparse").setLevel(logging.WARNING)
     sys.path.insert(0, str(REPO / "simulations"))
@@ -162,6 +170,37 @@ def write_outputs(args: argparse.Namespace, runs: list[dict], round_rows: list[d
                 f"{' '.join(map(str, seeds_done))}; ties density 0.2, dare drop 0.5, lambda 1")
     (args.out / "table.md").write_text(f"{settings}\n\n{table(runs, args.strategies)}\n")
     plot(args.out / "accuracy.png", {s: c for s, c in curves.items() if c})
+
+
+def combine(args: argparse.Namespace) -> None:
+    """Write --out's files from the runs of several folders (same rounds and train subset; each run once)."""
+    import csv
+
+    runs, round_rows = [], []
+    for folder in args.combine:
+        with (folder / "runs.csv").open() as handle:
+            runs += [{**row, "seed": int(row["seed"]), "rounds": int(row["rounds"]),
+                      "train_subset": int(row["train_subset"]), "final_accuracy": float(row["final_accuracy"]),
+                      "best_accuracy": float(row["best_accuracy"]), "bytes_down": int(row["bytes_down"]),
+                      "bytes_up": int(row["bytes_up"]), "seconds": float(row["seconds"])}
+                     for row in csv.DictReader(handle)]
+        with (folder / "rounds.csv").open() as handle:
+            round_rows += [{**row, "seed": int(row["seed"]), "round": int(row["round"]),
+                            "test_accuracy": float(row["test_accuracy"])} for row in csv.DictReader(handle)]
+    keys = [(r["strategy"], r["seed"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a (strategy, seed) appears twice in {args.combine}")
+    if len({(r["rounds"], r["train_subset"]) for r in runs}) != 1:
+        raise ValueError("the folders' runs differ in rounds or train subset")
+    args.rounds, args.train_subset = runs[0]["rounds"], runs[0]["train_subset"]
+    order = {name: index for index, name in enumerate(STRATEGIES)}
+    runs.sort(key=lambda r: (r["seed"], order[r["strategy"]]))
+    round_rows.sort(key=lambda r: (r["seed"], order[r["strategy"]], r["round"]))
+    args.strategies = [name for name in STRATEGIES if any(r["strategy"] == name for r in runs)]
+    curves = {name: [[r["test_accuracy"] for r in round_rows if (r["strategy"], r["seed"]) == (name, run["seed"])]
+                     for run in runs if run["strategy"] == name] for name in args.strategies}
+    write_outputs(args, runs, round_rows, curves)
+    print(table(runs, args.strategies), flush=True)
 
 
 if __name__ == "__main__":
