@@ -125,11 +125,14 @@ def run_once(overrides: dict, workdir: Path) -> dict:
             "rows": read_rounds(workdir / "rounds.csv")}
 
 
-def method_overrides(method: str, penalty: dict[str, float]) -> dict:
-    """The cl.* settings of one method (`penalty`: the strength of l2 and ewc)."""
+def method_overrides(method: str, penalty: dict[str, float], merge: dict[str, float] | None = None) -> dict:
+    """The cl.* settings of one method (`penalty`: the strength of l2 and ewc; `merge`: cl.merge-* keys set on
+    the command line, for the merge-after-task methods)."""
     overrides: dict = {"cl.method": method}
     if method in penalty:
         overrides["cl.penalty"] = penalty[method]
+    if method in ("merge-ta", "merge-ties", "wise-ft"):
+        overrides.update(merge or {})
     return overrides
 
 
@@ -170,12 +173,14 @@ def part_methods(args: argparse.Namespace, scratch: Path) -> None:
         if getattr(args, name) is not None:
             for values in penalties.values():
                 values[name] = getattr(args, name)
+    merge = {f"cl.merge-{name}": getattr(args, f"merge_{name}") for name in ("lambda", "alpha", "density")
+             if getattr(args, f"merge_{name}") is not None}
     for setting in args.settings:
         setting_overrides = SETTINGS[setting]
         for method in args.methods:
             for seed in args.seeds:
                 start = time.perf_counter()
-                result = run_once({**setting_overrides, **method_overrides(method, penalties[setting]),
+                result = run_once({**setting_overrides, **method_overrides(method, penalties[setting], merge),
                                    "seed": seed,
                                    "cl.stream": args.stream}, scratch / f"{setting}-{method}-{seed}")
                 summary = result["summary"]
@@ -311,6 +316,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--l2", type=float, help="cl.penalty of every l2 run (default: PENALTY per setting)")
     parser.add_argument("--ewc", type=float, help="cl.penalty of every ewc run (default: PENALTY per setting)")
+    parser.add_argument("--merge-lambda", type=float, help="cl.merge-lambda of merge-ta (default 0: 1 / tasks)")
+    parser.add_argument("--merge-alpha", type=float, help="cl.merge-alpha of wise-ft (default 0.5)")
+    parser.add_argument("--merge-density", type=float, help="cl.merge-density of merge-ties (default 0.2)")
     parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_continual")
     return parser.parse_args()

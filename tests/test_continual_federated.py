@@ -613,3 +613,12 @@ def test_merge_after_task_runs_by_hand_wise_ft_ends_and_task_arithmetic(tmp_path
         assert rows[-1][f"acc/{name}"] == pytest.approx(evaluate(model, task.x_test, task.y_test)[1])
     assert _same(_merge_run(tmp_path, "wise1", "wise-ft", **{"merge-alpha": 1.0})[0], finetuned)
     assert _same(_merge_run(tmp_path, "wise0", "wise-ft", **{"merge-alpha": 0.0})[0], theta_1)
+
+
+@pytest.mark.slow
+def test_wise_ft_after_each_task_is_server_sfa_averaging_only_at_task_ends(tmp_path, task_identity, two_task_stream):
+    """WiSE-FT with alpha a is server-side SFA with p = 1 and beta = 1 - a (the same rule; float order differs)."""
+    wise, _ = _merge_run(tmp_path, "wise", "wise-ft", **{"merge-alpha": 0.3})
+    sfa, _ = _merge_run(tmp_path, "sfa", "sfa", **{"sfa-p": 1.0, "sfa-beta": 0.7})
+    for key, value in wise.items():
+        torch.testing.assert_close(value, sfa[key], rtol=1e-5, atol=1e-6)
