@@ -31,6 +31,9 @@ rerun with the same settings reuses them instead of training again; `--retrain` 
 
     .venv/bin/python simulations/bench_merging_federated.py                       # seeds 0 1 2, both settings
     .venv/bin/python simulations/bench_merging_federated.py --seeds 0 --settings nonlocal --heads shared
+    # seeds in parallel processes, then one table from their rows:
+    .venv/bin/python simulations/bench_merging_federated.py --seeds 1 --out results/bench_merging_federated/s1
+    .venv/bin/python simulations/bench_merging_federated.py --combine results/bench_merging_federated/s*/rows.csv
 
 About 3-9 minutes a seed and setting on 2 CPU cores shared with other jobs (the expert training dominates).
 """
@@ -322,6 +325,18 @@ def write_outputs(out: Path, rows: list[Row], methods: list[str], heads: list[st
     return text
 
 
+def read_rows(paths: list[Path]) -> list[Row]:
+    """The rows of earlier runs' rows.csv files (e.g. one per seed, run in parallel)."""
+    rows = []
+    for path in paths:
+        with path.open(newline="") as handle:
+            for raw in csv.DictReader(handle):
+                rows.append(Row(raw["setting"], int(raw["seed"]), raw["method"], raw["column"], raw["heads"],
+                                raw["task"], float(raw["merged_accuracy"]), float(raw["expert_accuracy"]),
+                                float(raw["normalized"])))
+    return rows
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     from fedsparse.merging import MERGE_METHODS
@@ -333,6 +348,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads", nargs="+", choices=tuple(HEADS), default=list(HEADS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override preset keys (TOML values), e.g. merge.train-size=200; for smoke runs")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="ROWS_CSV",
+                        help="train nothing: write the table and plot of these rows.csv files under --out")
     parser.add_argument("--retrain", action="store_true", help="train the experts even if saved under --out")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_merging_federated")
     return parser.parse_args()
@@ -341,6 +358,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Train (or load) the experts per seed and setting, score every column, write the results after each."""
     args = parse_args()
+    if args.combine:
+        rows = read_rows(args.combine)
+        print(write_outputs(args.out, rows, [m for m in args.methods if any(r.method == m for r in rows)],
+                            [h for h in args.heads if any(r.heads == h for r in rows)]), flush=True)
+        return
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fedsparse").setLevel(logging.WARNING)
