@@ -3,7 +3,9 @@
 
 The merge methods themselves are checked by hand in tests/test_merging.py; here: the federated path gives back the
 experts exactly (TA of one expert with lambda 1 is that expert), bytes are counted, the summary reports the
-normalized accuracy, and the config refuses what the experiment cannot run.
+normalized accuracy, TACT gives the merged model each expert's statistics, with per-task heads task i is scored with
+expert i's exact head, a run killed mid-way and resumed ends bit-identical, and the config refuses what the
+experiment cannot run.
 """
 
 from __future__ import annotations
