@@ -31,10 +31,15 @@ Measured (seeds 0-2, ACC in points; the README has the full table, the sweep and
 federated finetune 25.2 +- 6.4, sfa 38.1 +- 4.9, sfa-client 38.5 +- 4.1, l2 31.7 +- 4.6, ewc 41.8 +- 3.8, replay
 60.7 +- 0.8; centralised finetune 20.1 +- 5.1, sfa 28.0 +- 2.3, l2 49.0 +- 2.1, replay 56.5 +- 2.6. SFA beats
 fine-tuning and L2 federated, is level with EWC and far from replay. About 15 minutes for `methods` on 2 cores
-shared with other jobs, 5 for `sweep` with one seed, 3 for `optim` with one seed.
+shared with other jobs, 5 for `sweep` with one seed, 3 for `optim` with one seed. Merge after each task (a later
+run, `--methods finetune merge-ta merge-ties wise-ft`, 938 s; its finetune rows equal the earlier ones): federated
+merge-ta 41.2 +- 0.9, merge-ties 41.5 +- 3.8, wise-ft 39.9 +- 3.9; centralised 45.4 +- 2.6, 38.5 +- 1.4,
+34.5 +- 1.5: all at or above SFA here, against the SFA paper's claim.
 
     .venv/bin/python simulations/bench_continual.py                      # everything (~20-25 min, 2 cores)
     .venv/bin/python simulations/bench_continual.py --parts methods --seeds 0
+    .venv/bin/python simulations/bench_continual.py --parts methods --methods merge-ta --merge-lambda 1.0 \
+        --out results/bench_continual/merge_after_task/ta-lambda1.0
 """
 
 from __future__ import annotations
