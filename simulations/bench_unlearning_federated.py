@@ -51,6 +51,7 @@ Writes under `--out` (default results/bench_unlearning_federated/): `withdrawal.
     .venv/bin/python simulations/bench_unlearning_federated.py --train-subset 6000 --seeds 0 1 2
     .venv/bin/python simulations/bench_unlearning_federated.py --parts score --models 8 --train-subset 3000
     .venv/bin/python simulations/bench_unlearning_federated.py --collect OUT_SEED0 OUT_SEED1 --out OUT  # merge
+    .venv/bin/python simulations/bench_unlearning_federated.py --seeds 0 --methods del --phase-one PHASE1_DIR
 """
 
 from __future__ import annotations
@@ -310,8 +311,10 @@ def collect_withdrawal(args: argparse.Namespace) -> None:
 def part_withdrawal(args: argparse.Namespace, base: dict, scratch: Path) -> None:
     """Every method x seed: phase 1, then phase 2 by resume; the table, CSV and plot."""
     rows: list[dict] = []
+    if args.phase_one is not None and len(args.seeds) != 1:
+        raise ValueError("--phase-one is the phase 1 of one seed: give exactly one --seeds")
     for seed in args.seeds:
-        shared: Path | None = None
+        shared: Path | None = args.phase_one
         for method in args.methods:
             overrides = method_config(base, method, seed, args.rounds, args.oracle_rounds)
             tag = f"withdrawal-{method}-s{seed}"
@@ -536,6 +539,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any run-config override")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_unlearning_federated")
+    parser.add_argument("--phase-one", type=Path, metavar="DIR",
+                        help="withdrawal, one seed: start every shared method from this phase-1 folder (a copy of "
+                             "one this script wrote, or of any run of the seed stopped after phase 1)")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge the withdrawal.csv of these --out folders into --out")
     args = parser.parse_args(argv)
