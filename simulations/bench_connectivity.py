@@ -12,7 +12,8 @@ Parts (`--parts`, default all three); each repeats over `--seeds` independent se
 - `width`: per width, 3 models from different inits; 2-way barrier of models 0 and 1, plain vs B weight-matched
   onto A; 3-way simplex barrier, plain vs models 1 and 2 both matched onto model 0; and the pairwise barrier between
   the two aligned models 1 and 2 (transitivity).
-- `trajectory`: two models, a checkpoint after every epoch (epoch 0 = init); the permutation found between the final
+- `trajectory`: two models, checkpoints at init (step 0), after the `--early-steps` optimizer steps and at the end
+  of every epoch (the step column counts optimizer steps); the permutation found between the final
   models is applied to every checkpoint of model B; barrier per checkpoint with no alignment, with that final
   permutation, and (reference) with the permutation matched at that checkpoint itself.
 - `imp`: each model trains to the end, keeping a rewind checkpoint at `--rewind-epoch`; each level prunes
@@ -124,9 +125,11 @@ def snapshot(model: nn.Module) -> StateDict:
 
 
 def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, seed: int,
-                 masks: dict[str, torch.Tensor] | None = None) -> list[StateDict]:
+                 masks: dict[str, torch.Tensor] | None = None,
+                 snapshot_steps: Sequence[int] | None = None) -> list[StateDict]:
     """Train `model` in place with SGD (momentum 0.9, batch 64); returns the state after every epoch (not the
-    start). With `masks`, pruned weights are zeroed first and stay exactly 0: their gradients are zeroed before
+    start), or with `snapshot_steps` the states after exactly those optimizer steps (counted from 1, in increasing
+    order; `ValueError` for a step beyond the last). With `masks`, pruned weights are zeroed first and stay exactly 0: their gradients are zeroed before
     every step (so momentum never moves them) and the mask is re-applied after it."""
     masks = masks or {}
     parameters = dict(model.named_parameters())
@@ -139,11 +142,17 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int,
     with torch.no_grad():
         for name, mask in masks.items():
             parameters[name].mul_(mask)
+    steps_per_epoch = -(-len(inputs) // 64)
+    wanted = sorted(set(snapshot_steps)) if snapshot_steps is not None else None
+    if wanted and not 1 <= wanted[0] <= wanted[-1] <= epochs * steps_per_epoch:
+        raise ValueError(f"snapshot steps must lie in 1..{epochs * steps_per_epoch}, got {wanted}")
     checkpoints = []
+    step = 0
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(inputs), 64):
+            step += 1
             index = order[start:start + 64]
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(inputs[index]), targets[index]).backward()
@@ -153,7 +162,10 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int,
             with torch.no_grad():
                 for name, mask in masks.items():
                     parameters[name].mul_(mask)
-        checkpoints.append(snapshot(model))
+            if wanted is not None and step in wanted:
+                checkpoints.append(snapshot(model))
+        if wanted is None:
+            checkpoints.append(snapshot(model))
     model.eval()
     return checkpoints
 
@@ -270,15 +282,15 @@ def run_width(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
 
 
 def aligned_sequence(part: str, tool: Connectivity, seed: int, sequence_a: Sequence[StateDict],
-                     sequence_b: Sequence[StateDict], densities: Sequence[float]) -> list[Row]:
+                     sequence_b: Sequence[StateDict], steps: Sequence[int], densities: Sequence[float]) -> list[Row]:
     """Barrier at every step of two sequences: plain, with the last step's permutation, with the step's own."""
     final = tool.match(sequence_a[-1], sequence_b[-1])
     rows = []
-    for step, (state_a, state_b) in enumerate(zip(sequence_a, sequence_b, strict=True)):
+    for position, (step, state_a, state_b) in enumerate(zip(steps, sequence_a, sequence_b, strict=True)):
         own = tool.match(state_a, state_b)
         for alignment, moved in (("none", state_b), ("final", tool.permute(final, state_b)),
                                  ("own", tool.permute(own, state_b))):
-            rows.append(make_row(part, tool, seed, step, densities[step], "pair", alignment,
+            rows.append(make_row(part, tool, seed, step, densities[position], "pair", alignment,
                                  tool.pair(state_a, moved)))
         print(f"{part} seed {seed} step {step}: " + ", ".join(f"{r.alignment} {r.loss_barrier:.3f}"
                                                             for r in rows[-3:]), flush=True)
@@ -286,15 +298,21 @@ def aligned_sequence(part: str, tool: Connectivity, seed: int, sequence_a: Seque
 
 
 def run_trajectory(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
-    """Part (ii): the final models' permutation along the training trajectory."""
+    """Part (ii): the final models' permutation along the training trajectory (checkpoints at the init, after
+    `--early-steps` optimizer steps and at the end of every epoch; the step column counts optimizer steps)."""
     tool = Connectivity(args.model, args.sequence_width, data)
+    steps_per_epoch = -(-len(data.x_train) // 64)
+    last = args.epochs * steps_per_epoch
+    steps = sorted({s for s in args.early_steps if 0 < s < last} | {e * steps_per_epoch for e in range(1, args.epochs)}
+                   | {last})
     sequences = []
     for index in range(2):
         model = build_model(args.model, data.input_shape, 10, seed=1000 * seed + index, width=args.sequence_width)
         initial = snapshot(model)
         sequences.append([initial] + train_epochs(model, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
-                                                  seed=1000 * seed + 100 + index))
-    return aligned_sequence("trajectory", tool, seed, sequences[0], sequences[1], [1.0] * len(sequences[0]))
+                                                  seed=1000 * seed + 100 + index, snapshot_steps=steps))
+    return aligned_sequence("trajectory", tool, seed, sequences[0], sequences[1], [0, *steps],
+                            [1.0] * len(sequences[0]))
 
 
 def run_imp(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
@@ -307,7 +325,7 @@ def run_imp(args: argparse.Namespace, data: Data, seed: int) -> list[Row]:
                                                 levels=args.levels, fraction=args.prune_fraction, lr=args.lr,
                                                 seed=1000 * seed + 100 + index))
     densities = [mask_density(masks) for masks in runs[0].masks]
-    return aligned_sequence("imp", tool, seed, runs[0].states, runs[1].states, densities)
+    return aligned_sequence("imp", tool, seed, runs[0].states, runs[1].states, list(range(len(densities))), densities)
 
 
 METRICS = {  # Row field: (label, decimals)
@@ -347,7 +365,7 @@ def summarize(rows: Sequence[Row]) -> list[Summary]:
     return table
 
 
-STEP_LABEL = {"width": "width", "trajectory": "epoch", "imp": "level (density)"}
+STEP_LABEL = {"width": "width", "trajectory": "optimizer step", "imp": "level (density)"}
 
 
 def markdown_tables(table: Sequence[Summary]) -> str:
@@ -398,6 +416,8 @@ def plot(table: Sequence[Summary], out: Path) -> None:
             axis.axhline(0, color="grey", linewidth=0.5)
             if part == "width":
                 axis.set_xscale("log", base=2)
+            elif part == "trajectory":
+                axis.set_xscale("symlog", linthresh=1)
         axes[0].legend(fontsize=8)
         figure.suptitle(f"{part}: {cells[0].seeds} seeds, measured on the test subset")
         figure.tight_layout()
@@ -434,6 +454,8 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--early-steps", type=int, nargs="*", default=[2, 5, 10, 20, 40],
+                        help="trajectory checkpoints (optimizer steps) before the first epoch ends")
     parser.add_argument("--rewind-epoch", type=int, default=1)
     parser.add_argument("--levels", type=int, default=5)
     parser.add_argument("--prune-fraction", type=float, default=0.2)

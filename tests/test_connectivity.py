@@ -161,3 +161,20 @@ def test_interior_gaps_are_signed_and_skip_the_vertices():
                            loss_barrier=0.0, accuracy_barrier=0.0)
     loss_gap, accuracy_gap = bench.interior_gaps(result)
     assert loss_gap == pytest.approx(0.7 - 1.5) and accuracy_gap == pytest.approx(0.7 - 0.9)
+
+
+def test_train_epochs_snapshots_at_the_asked_steps():
+    bench = load_bench()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(130, 1, 4, 4)).astype(np.float32)  # 3 steps per epoch (64 + 64 + 2)
+    y = rng.integers(0, 10, size=130).astype(np.int64)
+    by_epoch = bench.train_epochs(build_model("mlp", (1, 4, 4), 10, seed=0), x, y, epochs=2, lr=0.1, seed=0)
+    by_step = bench.train_epochs(build_model("mlp", (1, 4, 4), 10, seed=0), x, y, epochs=2, lr=0.1, seed=0,
+                                 snapshot_steps=[6, 1, 3])
+    assert len(by_epoch) == 2 and len(by_step) == 3
+    for key in by_epoch[0]:
+        assert torch.equal(by_step[1][key], by_epoch[0][key]) and torch.equal(by_step[2][key], by_epoch[1][key])
+    assert any(not torch.equal(by_step[0][key], by_step[1][key]) for key in by_epoch[0])
+    with pytest.raises(ValueError, match="snapshot steps"):
+        bench.train_epochs(build_model("mlp", (1, 4, 4), 10, seed=0), x, y, epochs=2, lr=0.1, seed=0,
+                           snapshot_steps=[7])
