@@ -318,11 +318,16 @@ def part_withdrawal(args: argparse.Namespace, base: dict, scratch: Path) -> None
         for method in args.methods:
             overrides = method_config(base, method, seed, args.rounds, args.oracle_rounds)
             tag = f"withdrawal-{method}-s{seed}"
-            if shared is None and method in SHARED_PHASE_ONE_METHODS:
-                phase_one = shared = run_phase_one(overrides, scratch / tag / "phase1")
-            else:
-                phase_one = phase_one_for(overrides, shared, scratch / tag / "phase1")
-            run = run_phase_two(overrides, phase_one, scratch / tag / "phase2")
+            try:
+                if shared is None and method in SHARED_PHASE_ONE_METHODS:
+                    phase_one = shared = run_phase_one(overrides, scratch / tag / "phase1")
+                else:
+                    phase_one = phase_one_for(overrides, shared, scratch / tag / "phase1")
+                run = run_phase_two(overrides, phase_one, scratch / tag / "phase2")
+            except Exception as err:  # noqa: BLE001  (a method that cannot run is reported; the others go on)
+                print(f"[bench_unlearning_federated] {method} seed {seed} FAILED: {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+                continue
             rows.append(withdrawal_row(method, seed, run))
             row = rows[-1]
             print(f"[bench_unlearning_federated] {method:10s} seed {seed}  forget {100 * row['forget_accuracy']:.1f}"
