@@ -355,7 +355,7 @@ def test_a_client_that_joins_late_or_loses_its_state_gets_the_freeze_mask_before
     assert summary["unlearn_exchange_bytes"][FREEZE_MESSAGE]["down"] > 0
 
 
-@pytest.mark.parametrize("name", ["del", "federaser"])
+@pytest.mark.parametrize("name", ["del", pytest.param("federaser", marks=pytest.mark.slow)])
 def test_a_run_killed_in_its_unlearning_phase_and_resumed_ends_bit_identical(tmp_path, task_identity, runs, name):
     """Killed after the clients answered round 4 (the second unlearning round) and resumed with fresh nodes from the
     round-3 checkpoint: the freeze mask (values transport) or FedEraser's stored updates come back from the
