@@ -74,13 +74,21 @@ def uses_mask(strategy: str) -> bool:
 
 def check_run_settings(cfg: dict) -> None:
     """The checks that hold on any machine: the dataset is found, the split is possible, the model builds and has
-    maskable weights, a mask of the asked density is possible. The ServerApp runs them too, so `flwr run` fails at
-    its start naming the key. Raises ConfigError / DatasetNotFound."""
+    maskable weights, a mask of the asked density is possible, then the experiment's own `check_config` (only that
+    for an experiment with `uses_dataset = False`, whose clients hold other data). The ServerApp runs them too, so
+    `flwr run` fails at its start naming the key. Raises ConfigError / DatasetNotFound."""
     from fedsparse.config import ConfigError
     from fedsparse.data import client_split, load_dataset
     from fedsparse.models import build_model, maskable_names
     from fedsparse.sparse import Layout, MaskError, check_density
+    from server.experiments import EXPERIMENTS
 
+    experiment = EXPERIMENTS[cfg["experiment"]]
+    check_experiment = getattr(experiment, "check_config", None)
+    if not getattr(experiment, "uses_dataset", True):  # its clients hold other data (text): only its own checks
+        if check_experiment is not None:
+            check_experiment(cfg)
+        return
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     check_split(cfg, len(ds.y_train[: cfg["train-subset"] or None]), ds.num_classes)
     try:
@@ -100,9 +108,6 @@ def check_run_settings(cfg: dict) -> None:
             check_density(layout, 1.0 - cfg["sparse.sparsity"], cfg["sparse.mask-scope"])
         except MaskError as err:
             raise ConfigError(f"config key 'sparse.sparsity': {err}") from err
-    from server.experiments import EXPERIMENTS
-
-    check_experiment = getattr(EXPERIMENTS[cfg["experiment"]], "check_config", None)
     if check_experiment is not None:  # an experiment's own settings (the continual stream, its rounds)
         check_experiment(cfg)
 

@@ -5,7 +5,8 @@ Invariants:
   reproducible for a given seed and thread count.
 - `evaluate` is deterministic: it scores the first `max_windows` non-overlapping windows of the stream (every
   next-token prediction inside a window, from a context of at most `block_size` tokens) in eval mode.
-- Perplexity is `exp(mean next-token cross-entropy)`, in nats per character.
+- Perplexity is `exp(mean next-token cross-entropy)`, in nats per character; accuracy is the share of scored
+  positions whose most likely next character is the true one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fedsparse.lm.model import GPT, next_token_loss
 
@@ -49,10 +51,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean next-token loss (nats/char) over the scored tokens, and its exponential."""
+    """Mean next-token loss (nats/char) over the scored tokens, its exponential, and how many of the tokens the
+    model's most likely next token got right."""
 
     loss: float
     tokens: int
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        """Share of the scored tokens whose argmax prediction is the true next token."""
+        return self.correct / self.tokens if self.tokens else float("nan")
 
     @property
     def perplexity(self) -> float:
@@ -89,14 +98,16 @@ def evaluate(model: GPT, stream: torch.Tensor, max_windows: int = 64, batch_size
     starts = [i * model.config.block_size for i in range(count)]
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, correct = 0.0, 0, 0
     for first in range(0, count, batch_size):
         batch = torch.stack([stream[s:s + window] for s in starts[first:first + batch_size]])
-        losses = next_token_loss(model, batch, reduction="none")
+        logits = model(batch[:, :-1])
+        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # = next_token_loss's
         total += losses.sum().item()
         tokens += losses.numel()
+        correct += int((logits.argmax(dim=-1) == batch[:, 1:]).sum())
     model.train(was_training)
-    return EvalResult(loss=total / tokens, tokens=tokens)
+    return EvalResult(loss=total / tokens, tokens=tokens, correct=correct)
 
 
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:

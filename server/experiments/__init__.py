@@ -116,7 +116,9 @@ class Experiment(Protocol):
     """A sequence of phases with state that survives a resume.
 
     Optionally an experiment has a `model: torch.nn.Module` attribute (the architecture, at its initial weights):
-    the runner then starts from it instead of building `cfg["model"]` for `cfg["dataset"]`."""
+    the runner then starts from it instead of building `cfg["model"]` for `cfg["dataset"]`; and a class attribute
+    `uses_dataset = False` when its clients do not hold the run's image `dataset` (the language model's text): the
+    checks before Ray then skip the dataset, partitioner and model checks and run only its `check_config`."""
 
     phases: list[Phase]
 
@@ -154,6 +156,7 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
     """The experiments, imported here because their modules import the classes above."""
     from server.experiments.connectivity import ConnectivityExperiment
     from server.experiments.continual import ContinualExperiment
+    from server.experiments.language import LanguageExperiment
     from server.experiments.merging import MergeExperiment
     from server.experiments.standard import StandardExperiment
     from server.experiments.transfer import TransferExperiment
@@ -161,7 +164,7 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
 
     return {"standard": StandardExperiment, "continual": ContinualExperiment, "unlearn": UnlearnExperiment,
             "merge": MergeExperiment, "transfer": TransferExperiment,
-            "connectivity": ConnectivityExperiment}
+            "connectivity": ConnectivityExperiment, "lm": LanguageExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
