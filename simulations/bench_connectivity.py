@@ -418,6 +418,7 @@ def plot(table: Sequence[Summary], out: Path) -> None:
                 axis.set_xscale("log", base=2)
             elif part == "trajectory":
                 axis.set_xscale("symlog", linthresh=1)
+                axis.set_xlim(left=0)
         axes[0].legend(fontsize=8)
         figure.suptitle(f"{part}: {cells[0].seeds} seeds, measured on the test subset")
         figure.tight_layout()
