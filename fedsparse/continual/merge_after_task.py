@@ -10,7 +10,7 @@ first task started from), tau_s = theta_s - theta_0 and m_{t-1} the merged model
   default) means lambda = 1 / t, i.e. the mean of the task vectors (the per-task models' average). A fixed
   lambda compounds here: task t starts from m_{t-1}, so tau_t contains the earlier merge, and the merged
   displacement m_t - theta_0 = (1 + lambda)(m_{t-1} - theta_0) + lambda (theta_t - m_{t-1}) grows by (1 + lambda)
-  every task; with 1 / t it stays a mean.
+  every task from the third on; with 1 / t it stays a mean.
 - `merge-ties` (TIES): m_t = `merge_models(theta_0, [theta_1..theta_t], "ties")`: each task vector trimmed to its
   `density` largest-magnitude entries (whole vector), signs elected by mass, disjoint mean, lambda 1 (the
   library's TIES settings, density overridable).
