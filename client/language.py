@@ -48,17 +48,24 @@ class LMCorpus:
     partition: SpeakerPartition
 
 
+VOCAB_EXTRAS: dict[str, str] = {}
+"""Experiment name -> characters its tokenizer holds beyond the corpus's (an LM experiment that inserts sequences of
+other characters into the text, such as canaries, registers them; the lm experiment registers none)."""
+
+
 @lru_cache(maxsize=2)
-def _corpus(data_root: str, val_fraction: float, num_clients: int, seed: int) -> LMCorpus:
+def _corpus(data_root: str, val_fraction: float, num_clients: int, seed: int, extra_chars: str = "") -> LMCorpus:
     text = load_shakespeare(data_root or None)
     split = train_val_split(text, val_fraction)
-    return LMCorpus(text, CharTokenizer.from_texts(text), split.train, split.val,
+    return LMCorpus(text, CharTokenizer.from_texts(text, extra_chars), split.train, split.val,
                     partition_by_speaker(split.train, num_clients, seed))
 
 
 def lm_corpus(cfg: dict) -> LMCorpus:
-    """The run's corpus, tokenizer, split and partition (cached per process)."""
-    return _corpus(cfg["data-root"], cfg["lm.val-fraction"], cfg["num-clients"], cfg["seed"])
+    """The run's corpus, tokenizer (the corpus's characters plus the experiment's `VOCAB_EXTRAS`), split and
+    partition (cached per process)."""
+    return _corpus(cfg["data-root"], cfg["lm.val-fraction"], cfg["num-clients"], cfg["seed"],
+                   VOCAB_EXTRAS.get(cfg["experiment"], ""))
 
 
 def client_text(cfg: dict, partition_id: int) -> str:

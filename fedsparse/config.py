@@ -327,6 +327,33 @@ SCHEMA: dict[str, Key] = {
                            check=lambda v: v >= 1, rule=">= 1"),
     "lm.sample-chars": Key(int, 200, "characters of the samples written to summary.json", check=lambda v: v >= 0,
                            rule=">= 0"),
+    # lmu.*: a client asks the federated char GPT to forget (experiment = "lm-unlearn";
+    # server/experiments/language_unlearning.py)
+    "lmu.method": Key(str, "gradient_ascent", "how the federation forgets client lmu.client's forget set",
+                      ("retrain", "finetune", "gradient_ascent")),
+    "lmu.forget": Key(str, "ood", "the forget set: id = passages of the client's own text, ood = canaries inserted "
+                      "into it", ("id", "ood")),
+    "lmu.canary-kind": Key(str, "random", "ood: the canaries' generator", ("random", "digits", "code")),
+    "lmu.client": Key(int, 0, "partition id of the client that asks to forget", check=lambda v: v >= 0,
+                      rule=">= 0"),
+    "lmu.count": Key(int, 16, "forget examples (and as many never-trained twins)", check=lambda v: v >= 3,
+                     rule=">= 3"),
+    "lmu.length": Key(int, 32, "characters per forget example (at most lm.block-size + 1)", check=lambda v: v >= 2,
+                      rule=">= 2"),
+    "lmu.prefix": Key(int, 8, "exact extraction: greedy continuation of this many leading characters",
+                      check=lambda v: v >= 1, rule=">= 1"),
+    "lmu.repeats": Key(int, 20, "ood: copies of each canary inserted into the client's text", check=lambda v: v >= 1,
+                       rule=">= 1"),
+    "lmu.train-rounds": Key(int, 10, "FedAvg rounds on every client's text (forget set included) before the request",
+                            check=lambda v: v >= 1, rule=">= 1"),
+    "lmu.rounds": Key(int, 5, "rounds of the unlearning phase", check=lambda v: v >= 1, rule=">= 1"),
+    "lmu.participants": Key(str, "all", "who trains in the unlearning phase: all, others (without lmu.client; not "
+                            "gradient_ascent), client (only lmu.client; gradient_ascent only)",
+                            ("all", "others", "client")),
+    "lmu.ascent-steps": Key(int, 5, "gradient_ascent: full-batch Adam ascent steps of lmu.client per round",
+                            check=lambda v: v >= 1, rule=">= 1"),
+    "lmu.ascent-lr": Key(float, 1e-4, "gradient_ascent: lmu.client's ascent learning rate", check=lambda v: v > 0,
+                         rule="> 0"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),
