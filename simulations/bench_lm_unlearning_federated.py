@@ -57,9 +57,9 @@ def first_round(trace: list[dict], threshold: float = 0.5) -> int | None:
 
 def table(runs: list[dict]) -> str:
     """The markdown table: one row per (set, method), means over seeds."""
-    lines = [("| set | method | rounds | quality before -> after | extracted before -> after | forget / twin loss "
+    lines = [("| set | method | seeds | rounds | quality before -> after | extracted before -> after | forget / twin loss "
              "after | val ppl before -> after | first round quality >= 0.5 (val ppl) | MB |"),
-             "|---|---|---:|---|---|---|---|---|---:|"]
+             "|---|---|---:|---:|---|---|---|---|---|---:|"]
     for forget in FORGET_SETS:
         for label in METHODS:
             mine = [r for r in runs if r["forget"] == forget and r["label"] == label]
@@ -76,7 +76,7 @@ def table(runs: list[dict]) -> str:
                 f"; not within {mine[0]['trace'][-1]['round']} in {len(hits) - len(reached)} seed(s)"
                 if len(reached) < len(hits) else "")
             lines.append(
-                f"| {forget} | {label} | {mine[0]['trace'][-1]['round']} | "
+                f"| {forget} | {label} | {len(mine)} | {mine[0]['trace'][-1]['round']} | "
                 f"{mean(first, 'quality/forget'):.3f} -> {mean(last, 'quality/forget'):.3f} | "
                 f"{mean(first, 'extract/forget'):.2f} -> {mean(last, 'extract/forget'):.2f} | "
                 f"{mean(last, 'loss/forget'):.2f} / {mean(last, 'loss/twins'):.2f} | "
@@ -122,16 +122,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--sets", nargs="+", default=list(FORGET_SETS), choices=list(FORGET_SETS))
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--train-rounds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--train-rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=48)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--embd", type=int, default=64)
-    parser.add_argument("--local-steps", type=int, default=15)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--local-steps", type=int, default=12)
+    parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=8)
