@@ -25,7 +25,14 @@ Parts (`--parts`, default all three); each repeats over `--seeds` independent se
 Writes `results/bench_connectivity/connectivity.csv` (one row per seed, part, step, comparison and alignment),
 `summary.md`, `width.png`, `trajectory.png`, `imp.png`, and prints the tables (mean +- sd over seeds).
 
-    .venv/bin/python simulations/bench_connectivity.py --seeds 3
+Measured on 2 cores shared with other jobs (the README's figures), with the defaults (4,000 train / 2,000 test, 6
+epochs, lr 0.05): `--parts width --seeds 2` 177 CPU s (30 min wall: the x8 models dominate); `--parts trajectory imp
+--seeds 3` 57 CPU s; `--parts imp --levels 10 --seeds 3` 61 CPU s. `--model cnn` is much slower: `--parts width
+--widths 1 2 --train-size 2000 --test-size 1000 --epochs 5` took 126 CPU s per seed.
+
+    .venv/bin/python simulations/bench_connectivity.py --parts width --seeds 2 --out results/bench_connectivity/width
+    .venv/bin/python simulations/bench_connectivity.py --parts trajectory imp --seeds 3 \
+        --out results/bench_connectivity/sequences
 """
 
 from __future__ import annotations
@@ -450,10 +457,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--sequence-width", type=int, default=2, help="width of the trajectory and IMP models")
-    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--sequence-width", type=int, default=1, help="width of the trajectory and IMP models")
+    parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--early-steps", type=int, nargs="*", default=[2, 5, 10, 20, 40],
                         help="trajectory checkpoints (optimizer steps) before the first epoch ends")
@@ -471,10 +478,16 @@ def main() -> None:
         for part in args.parts:
             rows += runners[part](args, data, seed)
         # outputs after every seed, so that an interrupted run still leaves its finished seeds
-        header = (f"Settings: {args.model}, Fashion-MNIST {args.train_size} train / {args.test_size} test, "
-                  f"{args.epochs} epochs, lr {args.lr}, seeds 0..{seed} of {args.seeds}, widths {args.widths}, "
-                  f"sequence width x{args.sequence_width}, IMP {args.levels} levels of {args.prune_fraction:g} "
-                  f"with rewind to epoch {args.rewind_epoch}; parts {' '.join(args.parts)}; CPU seconds "
+        settings = [f"{args.model}, Fashion-MNIST {args.train_size} train / {args.test_size} test",
+                    f"{args.epochs} epochs", f"lr {args.lr}", f"seeds 0..{seed} of {args.seeds}"]
+        if "width" in args.parts:
+            settings.append(f"widths {args.widths}")
+        if "trajectory" in args.parts or "imp" in args.parts:
+            settings.append(f"sequence width x{args.sequence_width}")
+        if "imp" in args.parts:
+            settings.append(f"IMP {args.levels} levels of {args.prune_fraction:g} with rewind to epoch "
+                            f"{args.rewind_epoch}")
+        header = (f"Settings: {', '.join(settings)}; parts {' '.join(args.parts)}; CPU seconds "
                   f"{time.process_time() - started:.0f}, wall seconds {time.time() - wall:.0f}.")
         markdown = write_outputs(rows, args.out, header)
     print(markdown)
