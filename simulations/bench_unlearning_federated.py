@@ -86,6 +86,10 @@ class PhaseOneDone(Exception):
     """Raised by the grid at the first message of phase 2 when the run is to stop after phase 1."""
 
 
+class RoundLimitReached(Exception):
+    """Raised by the grid at the first train message of a round past its `stop_after_round`."""
+
+
 def shifted_content(content: RecordDict, server_round: int) -> RecordDict:
     """A copy of a train message's content whose config says `server_round` (the records themselves are shared)."""
     records = dict(content.items())
@@ -99,9 +103,12 @@ class InProcessGrid:
 
     `stop_at_phase_two`: raise `PhaseOneDone` at the first message whose type phase 1 never sends.
     `round_offset`: added to the `server-round` of every phase-2 train message (type `train.*`) before its client
-    sees it, and taken off the reply's echo (module docstring: the N runs of the score part)."""
+    sees it, and taken off the reply's echo (module docstring: the N runs of the score part).
+    `stop_after_round`: raise `RoundLimitReached` at the first train message of a later round (the checkpoint of
+    that round is then the run's last)."""
 
-    def __init__(self, cfg: dict, *, stop_at_phase_two: bool = False, round_offset: int = 0) -> None:
+    def __init__(self, cfg: dict, *, stop_at_phase_two: bool = False, round_offset: int = 0,
+                 stop_after_round: int | None = None) -> None:
         import client.client_app  # noqa: F401  (registers every handler)
         from client.handlers import HANDLERS
 
@@ -109,6 +116,7 @@ class InProcessGrid:
         self.cfg = cfg
         self.stop_at_phase_two = stop_at_phase_two
         self.round_offset = round_offset
+        self.stop_after_round = stop_after_round
         self.partitions = {1000 + p: p for p in range(cfg["num-clients"])}
         self.states = {node: RecordDict() for node in self.partitions}
 
@@ -134,6 +142,10 @@ class InProcessGrid:
         messages = list(messages)
         if self.stop_at_phase_two and any(m.metadata.message_type not in PHASE_ONE_TYPES for m in messages):
             raise PhaseOneDone
+        if self.stop_after_round is not None and any(
+                m.metadata.message_type.startswith("train") and
+                int(m.content["config"]["server-round"]) > self.stop_after_round for m in messages):
+            raise RoundLimitReached
         replies = []
         for message in messages:
             try:
@@ -204,6 +216,22 @@ def phase_one_for(overrides: dict, shared: Path | None, folder: Path) -> Path:
     if shared is not None and overrides["unlearn.method"] in SHARED_PHASE_ONE_METHODS:
         return relabel_phase_one(shared, overrides, folder)
     return run_phase_one(overrides, folder)
+
+
+def truncated_oracle(snapshot: Path, overrides: dict, folder: Path) -> PhaseTwo:
+    """The `retrain` run of `overrides` (k oracle rounds) finished from `snapshot`, the folder of a longer oracle
+    run of the same seed stopped after its k-th oracle round. The first k rounds of an oracle phase are a k-round
+    oracle phase: same round numbers, so the same learning rate (it depends on the round only), client seeds and
+    messages; the copy gets the k-round config (`relabel_phase_one`) and the runner, finding every round done,
+    only writes the final model and scores it (tested against a k-round run)."""
+    from server.loop import CHECKPOINT
+
+    rows = torch.load(snapshot / CHECKPOINT, weights_only=False)["rows"]
+    if len(rows) != overrides["num-rounds"]:
+        raise ValueError(f"{snapshot} holds {len(rows)} rounds, the {overrides['unlearn.rounds']}-round oracle has "
+                         f"{overrides['num-rounds']}")
+    relabelled = relabel_phase_one(snapshot, overrides, folder / "relabelled")
+    return run_phase_two(overrides, relabelled, folder / "phase2")
 
 
 def run_phase_two(overrides: dict, phase_one: Path, folder: Path, round_offset: int = 0) -> PhaseTwo:

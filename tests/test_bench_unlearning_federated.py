@@ -141,3 +141,23 @@ def test_collect_merges_per_seed_tables(tmp_path):
                        "| 12 +- 0 |"
     assert len(bench.read_rows(tmp_path / "all" / "withdrawal.csv")) == 2
     assert (tmp_path / "all" / "withdrawal.png").stat().st_size > 0
+
+
+def test_truncated_oracle_is_the_shorter_oracle(tmp_path):
+    from fedsparse.config import resolve
+    from server.loop import run_federation
+
+    bench = _bench()
+    short = bench.method_config(RUN, "retrain", seed=3, rounds=1, oracle_rounds=1)
+    long = bench.method_config(RUN, "retrain", seed=3, rounds=1, oracle_rounds=2)
+    phase_one = bench.run_phase_one(short, tmp_path / "p1")
+    plain = bench.run_phase_two(short, phase_one, tmp_path / "short")
+    cfg = resolve({**long, "output-dir": str(tmp_path / "long")})
+    with pytest.raises(bench.RoundLimitReached):
+        run_federation(bench.InProcessGrid(cfg, stop_after_round=2), cfg)
+    truncated = bench.truncated_oracle(tmp_path / "long", short, tmp_path / "truncated")
+    assert _same(_final(plain.folder), _final(truncated.folder))
+    for key in ("forget_accuracy", "mia_auc", "fraction_changed", "unlearn_rounds", "unlearn_round_bytes"):
+        assert truncated.summary[key] == plain.summary[key], key
+    with pytest.raises(ValueError, match="holds"):
+        bench.truncated_oracle(tmp_path / "long", long, tmp_path / "refused")
