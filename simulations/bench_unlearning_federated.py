@@ -339,14 +339,20 @@ def collect_withdrawal(args: argparse.Namespace) -> None:
 def part_withdrawal(args: argparse.Namespace, base: dict, scratch: Path) -> None:
     """Every method x seed: phase 1, then phase 2 by resume; the table, CSV and plot."""
     rows: list[dict] = []
-    if args.phase_one is not None and len(args.seeds) != 1:
-        raise ValueError("--phase-one is the phase 1 of one seed: give exactly one --seeds")
+    if (args.phase_one is not None or args.oracle_snapshot is not None) and len(args.seeds) != 1:
+        raise ValueError("--phase-one and --oracle-snapshot belong to one seed: give exactly one --seeds")
+    table = ""
     for seed in args.seeds:
         shared: Path | None = args.phase_one
         for method in args.methods:
             overrides = method_config(base, method, seed, args.rounds, args.oracle_rounds)
             tag = f"withdrawal-{method}-s{seed}"
             try:
+                if method == "retrain" and args.oracle_snapshot is not None:
+                    rows.append(withdrawal_row(method, seed, truncated_oracle(args.oracle_snapshot, overrides,
+                                                                              scratch / tag)))
+                    table = write_withdrawal(args.out, rows, args.methods)
+                    continue
                 if shared is None and method in SHARED_PHASE_ONE_METHODS:
                     phase_one = shared = run_phase_one(overrides, scratch / tag / "phase1")
                 else:
@@ -575,6 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phase-one", type=Path, metavar="DIR",
                         help="withdrawal, one seed: start every shared method from this phase-1 folder (a copy of "
                              "one this script wrote, or of any run of the seed stopped after phase 1)")
+    parser.add_argument("--oracle-snapshot", type=Path, metavar="DIR",
+                        help="withdrawal, one seed: retrain's row from this folder of a longer oracle run of the seed "
+                             "stopped after --oracle-rounds oracle rounds (truncated_oracle)")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
                         help="run nothing: merge the withdrawal.csv of these --out folders into --out")
     args = parser.parse_args(argv)
