@@ -49,6 +49,13 @@ def is_one_off(message_type: str) -> bool:
     return message_type.startswith(ONE_OFF_PREFIX)
 
 
+def counted_bytes(grid: object, message_type: str) -> Bytes:
+    """Bytes a counting grid has carried so far for `message_type` (none for a grid that does not count): a hook
+    that wants the cost of its own exchange reads this before and after it."""
+    counted = getattr(grid, "by_type", {}).get(message_type)
+    return Bytes() if counted is None else Bytes(counted.down, counted.up)
+
+
 class CountingGrid(Grid):
     """A Grid that forwards everything to `grid` and counts serialized bytes per direction and message type."""
 

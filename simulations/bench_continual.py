@@ -1,9 +1,9 @@
 """Continual learning as federated rounds: every method on the diverse-domains stream, centralised and federated.
 
 Every run is the continual experiment (`server.experiments.continual`) driven by the real runner
-(`server.loop.run_federation`) with the real client handlers, in this process: the grid below hands each message to
-`client.handlers.HANDLERS` with one Context.state per node (what the Flower simulation does, without Ray's start-up
-cost). Centralised = one client holding all data (num-clients 1, iid), the SFA paper's setting, through the same code.
+(`server.loop.run_federation`) with the real ClientApp on in-process nodes, each with its own Context
+(`server.local_grid.LocalGrid`: what the Flower simulation does, without Ray's start-up cost). Centralised = one
+client holding all data (num-clients 1, iid), the SFA paper's setting, through the same code.
 
 Parts (`--parts`, default all):
 - `methods`: finetune, sfa (server-side), sfa-client, l2, ewc, replay and the "merge after each task" baselines
@@ -51,12 +51,10 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Error, Message, RecordDict
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("finetune", "sfa", "sfa-client", "l2", "ewc", "replay", "merge-ta", "merge-ties", "wise-ft")
@@ -73,42 +71,12 @@ SETTINGS = {"centralised": {"num-clients": 1, "partitioner": "iid"},
             "federated": {"num-clients": 10, "partitioner": "dirichlet", "dirichlet-alpha": 0.3}}
 
 
-class InProcessGrid:
-    """A Flower Grid whose nodes are our client handlers in this process, one Context.state per node; a handler's
-    exception becomes an error reply, as in Flower."""
-
-    def __init__(self, cfg: dict) -> None:
-        import client.continual  # noqa: F401  (registers the continual handlers)
-        from client.handlers import HANDLERS
-
-        self.handlers = HANDLERS
-        self.cfg = cfg
-        self.partitions = {1000 + p: p for p in range(cfg["num-clients"])}
-        self.states = {node: RecordDict() for node in self.partitions}
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Every node, always connected."""
-        return list(self.partitions)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        """Each message handled by its node, in order."""
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            try:
-                content = self.handlers[message.metadata.message_type](message.content, self.states[node], self.cfg,
-                                                                       self.partitions[node])
-                replies.append(Message(content, reply_to=message))
-            except Exception as err:  # noqa: BLE001  (as Flower: any client exception is an error reply)
-                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
-        return replies
-
-
 def run_once(overrides: dict, workdir: Path) -> dict:
     """One continual run in this process: {"matrix", "tasks", "summary", "rows"}."""
     from fedsparse.config import resolve
     from fedsparse.results import read_rounds
     from fedsparse.tasks import stream_task_names
+    from server.local_grid import LocalGrid
     from server.loop import TrainingFailed, run_federation
 
     settings = {**BASE, **overrides, "output-dir": str(workdir)}
@@ -117,7 +85,7 @@ def run_once(overrides: dict, workdir: Path) -> dict:
         settings["num-rounds"] = len(stream_task_names(draft["cl.stream"], draft)) * draft["cl.rounds-per-task"]
     cfg = resolve(settings)
     try:
-        summary = run_federation(InProcessGrid(cfg), cfg)
+        summary = run_federation(LocalGrid(cfg), cfg)
     except TrainingFailed as err:  # e.g. a penalty too strong for the lr: the run diverged; recorded as NaN
         print(f"[bench_continual] {overrides}: {err}", file=sys.stderr)
         names = stream_task_names(cfg["cl.stream"], cfg)

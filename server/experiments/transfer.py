@@ -42,7 +42,7 @@ from fedsparse.train import pick_device
 from fedsparse.transport import ReplyError
 from fedsparse.unlearning.transfer import HEAD_SEED_OFFSET, classifier_head
 from server.experiments import Phase, PhaseContext, TestSetEvaluator
-from server.grid import Bytes
+from server.grid import Bytes, counted_bytes
 from server.strategies.base import FedAvg
 
 log = logging.getLogger("fedsparse")
@@ -54,12 +54,6 @@ class TransferFailed(RuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def counted_bytes(grid: object, message_type: str) -> Bytes:
-    """Bytes a counting grid has carried so far for `message_type` (none for a grid that does not count)."""
-    counted = getattr(grid, "by_type", {}).get(message_type)
-    return Bytes() if counted is None else Bytes(counted.down, counted.up)
 
 
 class TransferFedAvg(FedAvg):
