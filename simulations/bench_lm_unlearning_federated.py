@@ -7,11 +7,12 @@ alone) and every seed, one in-process run (`server.local_grid.LocalGrid`, the re
 for as long as the model was trained). Writes into `--out`:
 - `runs/<set>-<method>-s<seed>/` (each run's rounds.csv, summary.json, lmu_trace.csv / .png);
 - `results.json` (settings, wall time, every run's trace);
-- `table.md` (per set and method, mean over seeds: forget quality, extraction, forget / twin loss, validation
+- `table.md` (per set and method, mean over seeds: forget quality, its AUC, extraction, forget / twin loss, validation
   perplexity before and after, the first round where quality >= 0.5 and the perplexity there, bytes);
 - `trace.png` (forget quality and validation perplexity per unlearning round, ID vs OOD, mean over seeds).
 
 Usage: .venv/bin/python simulations/bench_lm_unlearning_federated.py --out results/bench_lm_unlearn_fed
+       (add --from-results to rewrite table.md and trace.png from results.json without running)
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def first_round(trace: list[dict], threshold: float = 0.5) -> int | None:
 
 def table(runs: list[dict]) -> str:
     """The markdown table: one row per (set, method), means over seeds."""
-    lines = [("| set | method | seeds | rounds | quality before -> after | extracted before -> after | forget / twin loss "
+    lines = [("| set | method | seeds | rounds | quality before -> after | AUC before -> after | extracted before -> after | forget / twin loss "
              "after | val ppl before -> after | first round quality >= 0.5 (val ppl) | MB |"),
-             "|---|---|---:|---:|---|---|---|---|---|---:|"]
+             "|---|---|---:|---:|---|---|---|---|---|---|---:|"]
     for forget in FORGET_SETS:
         for label in METHODS:
             mine = [r for r in runs if r["forget"] == forget and r["label"] == label]
@@ -72,12 +73,13 @@ def table(runs: list[dict]) -> str:
 
             hits = [first_round(r["trace"]) for r in mine]
             reached = [(h, r["trace"][h]["ppl/val"]) for h, r in zip(hits, mine, strict=True) if h is not None]
-            reach = ", ".join(f"{h} ({p:.2f})" for h, p in reached) + (
-                f"; not within {mine[0]['trace'][-1]['round']} in {len(hits) - len(reached)} seed(s)"
-                if len(reached) < len(hits) else "")
+            missed = len(hits) - len(reached)
+            reach = "; ".join([", ".join(f"{h} ({p:.2f})" for h, p in reached)] * bool(reached) + [
+                f"not within {mine[0]['trace'][-1]['round']} in {missed} seed(s)"] * bool(missed))
             lines.append(
                 f"| {forget} | {label} | {len(mine)} | {mine[0]['trace'][-1]['round']} | "
                 f"{mean(first, 'quality/forget'):.3f} -> {mean(last, 'quality/forget'):.3f} | "
+                f"{mean(first, 'auc/forget'):.2f} -> {mean(last, 'auc/forget'):.2f} | "
                 f"{mean(first, 'extract/forget'):.2f} -> {mean(last, 'extract/forget'):.2f} | "
                 f"{mean(last, 'loss/forget'):.2f} / {mean(last, 'loss/twins'):.2f} | "
                 f"{mean(first, 'ppl/val'):.2f} -> {mean(last, 'ppl/val'):.2f} | {reach} | "
@@ -139,7 +141,14 @@ def main() -> None:
     parser.add_argument("--ascent-steps", type=int, default=5)
     parser.add_argument("--ascent-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-results", action="store_true",
+                        help="only rewrite table.md and trace.png from --out/results.json")
     args = parser.parse_args()
+    if args.from_results:
+        saved = json.loads((args.out / "results.json").read_text())
+        (args.out / "table.md").write_text(table(saved["runs"]) + "\n")
+        plot(saved["runs"], args.out / "trace.png")
+        return
     torch.set_num_threads(args.threads)
     from flwr.supercore.task_identity import TaskIdentity
 
