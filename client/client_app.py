@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 import client.connectivity  # (registers the connectivity experiment's handler)
 import client.continual  # (registers the continual-learning handlers)
 import client.language  # (registers the language-model handlers)
+import client.language_facts  # (registers the mechanistic fact-unlearning handlers)
 import client.language_unlearning  # (registers the LM unlearning handler)
 import client.merging  # (registers the merge experiment's handlers)
 import client.transfer  # (registers the transfer experiment's handlers)

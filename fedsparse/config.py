@@ -354,6 +354,31 @@ SCHEMA: dict[str, Key] = {
                             check=lambda v: v >= 1, rule=">= 1"),
     "lmu.ascent-lr": Key(float, 1e-4, "gradient_ascent: lmu.client's ascent learning rate", check=lambda v: v > 0,
                          rule="> 0"),
+    # lmf.*: federated mechanistic unlearning of facts (experiment = "lm-mechanistic";
+    # server/experiments/language_facts.py)
+    "lmf.localization": Key(str, "lookup_mlps", "how client lmf.client localizes its facts (the mask of the unlearning "
+                            "rounds)", ("lookup_mlps", "causal_tracing", "attribution_patching", "random", "all_mlps",
+                                        "all_weights")),
+    "lmf.client": Key(int, 0, "partition id of the client that asks that its facts be forgotten",
+                      check=lambda v: v >= 0, rule=">= 0"),
+    "lmf.facts": Key(int, 8, "synthetic facts each client holds", check=lambda v: v >= 2, rule=">= 2"),
+    "lmf.repeats": Key(int, 20, "copies of each fact in each prompt format in a client's text",
+                       check=lambda v: v >= 1, rule=">= 1"),
+    "lmf.corpus-chunk": Key(int, 64, "characters of the client's text before each fact line",
+                            check=lambda v: v >= 0, rule=">= 0"),
+    "lmf.train-rounds": Key(int, 10, "FedAvg rounds teaching every client's text and facts", check=lambda v: v >= 1,
+                            rule=">= 1"),
+    "lmf.rounds": Key(int, 3, "rounds of the masked unlearning phase", check=lambda v: v >= 1, rule=">= 1"),
+    "lmf.lookup-layers": Key(int, 1, "MLPs of the lookup localization (the others are matched to their parameter "
+                             "count)", check=lambda v: v >= 1, rule=">= 1"),
+    "lmf.train-format": Key(int, 0, "the prompt format unlearning and maintenance train on", check=lambda v: v >= 0,
+                            rule=">= 0"),
+    "lmf.unlearn-steps": Key(int, 20, "masked Adam steps a client runs per unlearning round", check=lambda v: v >= 1,
+                             rule=">= 1"),
+    "lmf.unlearn-lr": Key(float, 1e-3, "learning rate of the masked steps and of the relearning attack",
+                          check=lambda v: v > 0, rule="> 0"),
+    "lmf.relearn-steps": Key(int, 30, "relearning attack: Adam steps on half of the forgotten facts",
+                             check=lambda v: v >= 1, rule=">= 1"),
     # where and how it runs
     "device": Key(str, "auto", "torch device for training and evaluation", DEVICES),
     "client-num-cpus": Key(int, 1, "CPUs per simulated client (Ray)", check=lambda v: v >= 1, rule=">= 1"),

@@ -157,6 +157,7 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
     from server.experiments.connectivity import ConnectivityExperiment
     from server.experiments.continual import ContinualExperiment
     from server.experiments.language import LanguageExperiment
+    from server.experiments.language_facts import LMFactsExperiment
     from server.experiments.language_unlearning import LMUnlearnExperiment
     from server.experiments.merging import MergeExperiment
     from server.experiments.standard import StandardExperiment
@@ -166,7 +167,7 @@ def _registry() -> dict[str, Callable[[dict], Experiment]]:
     return {"standard": StandardExperiment, "continual": ContinualExperiment, "unlearn": UnlearnExperiment,
             "merge": MergeExperiment, "transfer": TransferExperiment,
             "connectivity": ConnectivityExperiment, "lm": LanguageExperiment,
-            "lm-unlearn": LMUnlearnExperiment}
+            "lm-unlearn": LMUnlearnExperiment, "lm-mechanistic": LMFactsExperiment}
 
 
 EXPERIMENTS: dict[str, Callable[[dict], Experiment]] = _registry()
