@@ -1,10 +1,11 @@
 """Merging as the aggregation of ordinary FL rounds: FedAvg against TIES and DARE aggregation on the non-IID benchmark.
 
-Every run is the standard experiment driven by the real runner (`server.loop.run_federation`) with the real client
-handlers in this process (`InProcessGrid` of `simulations/bench_continual.py`: what the Flower simulation does,
-without Ray's start-up cost). Only the strategy differs: `fedavg` (example-weighted mean of the updates), `ties`
-(trim each update to its top `aggregate.density` by magnitude, elect signs, disjoint mean; unweighted) and `dare`
-(drop each update entry with probability `aggregate.drop`, rescale, example-weighted mean); lambda 1 for both
+Every run is the standard experiment driven by the real runner (`server.loop.run_federation`) with the real
+ClientApp in this process (`server.local_grid.LocalGrid`: what the Flower simulation does, without Ray's start-up
+cost; the README's figures were measured with bench_continual's earlier in-process grid of the same handlers).
+Only the strategy differs: `fedavg` (example-weighted mean of the updates), `ties` (trim each update to its top
+`aggregate.density` by magnitude, elect signs, disjoint mean; unweighted) and `dare` (drop each update entry with
+probability `aggregate.drop`, rescale, example-weighted mean); lambda 1 for both
 (`server/strategies/merge_aggregation.py`).
 
 Settings (the README's non-IID benchmark, cut to fit 2 shared CPU cores): Fashion-MNIST (first `--train-subset`
@@ -43,15 +44,14 @@ BASE = {"experiment": "standard", "dataset": "fashion-mnist", "model": "cnn", "n
 
 def run_once(strategy: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     """One federated run in this process: {"summary": summary.json's dict, "curve": test accuracy per round}."""
-    from bench_continual import InProcessGrid
-
     from fedsparse.config import resolve
     from fedsparse.results import read_rounds
+    from server.local_grid import LocalGrid
     from server.loop import run_federation
 
     cfg = resolve({**BASE, "strategy": strategy, "seed": seed, "num-rounds": args.rounds,
                    "train-subset": args.train_subset, "output-dir": str(workdir)})
-    summary = run_federation(InProcessGrid(cfg), cfg)
+    summary = run_federation(LocalGrid(cfg), cfg)
     curve = [float(row["test_accuracy"]) for row in read_rounds(workdir / "rounds.csv")]
     return {"summary": summary, "curve": curve}
 
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1)
     logging.getLogger("fedsparse").setLevel(logging.WARNING)
-    sys.path.insert(0, str(REPO / "simulations"))
     sys.path.insert(0, str(REPO))
     from flwr.supercore.task_identity import TaskIdentity
 
