@@ -375,8 +375,8 @@ SCHEMA: dict[str, Key] = {
                             rule=">= 0"),
     "lmf.unlearn-steps": Key(int, 20, "masked Adam steps a client runs per unlearning round", check=lambda v: v >= 1,
                              rule=">= 1"),
-    "lmf.unlearn-lr": Key(float, 1e-3, "learning rate of the masked steps and of the relearning attack",
-                          check=lambda v: v > 0, rule="> 0"),
+    "lmf.unlearn-lr": Key(float, 1e-3, "learning rate of the masked steps", check=lambda v: v > 0, rule="> 0"),
+    "lmf.relearn-lr": Key(float, 3e-4, "learning rate of the relearning attack", check=lambda v: v > 0, rule="> 0"),
     "lmf.relearn-steps": Key(int, 30, "relearning attack: Adam steps on half of the forgotten facts",
                              check=lambda v: v >= 1, rule=">= 1"),
     # where and how it runs

@@ -217,7 +217,7 @@ class LMFactsExperiment:
         corpus = lm_corpus(self.cfg)
         stream = corpus.tokenizer.encode_tensor(client_text(self.cfg, self.cfg["lmf.client"]))
         attack = relearn_attack(model, corpus.tokenizer, split, stream, steps=self.cfg["lmf.relearn-steps"],
-                                lr=self.cfg["lmf.unlearn-lr"], train_format=self.cfg["lmf.train-format"],
+                                lr=self.cfg["lmf.relearn-lr"], train_format=self.cfg["lmf.train-format"],
                                 seed=self.cfg["seed"])
         extra["relearn"] = {"heldout_before": list(attack.before), "heldout_after": list(attack.after),
                             "relearned_after": list(attack.relearned), "heldout_facts": len(split.heldout)}
