@@ -2,8 +2,8 @@
 
 For each seed and setting (`local`: preset `merge-local`, experts fine-tuned from one shared initial model;
 `nonlocal`: preset `merge-nonlocal`, each expert from its own seed) the experts are trained ONCE through the real
-merge experiment (`server.experiments.merging`, `server.loop.run_federation`) with the real client handlers in this
-process (an in-process grid, one Context.state per node, as `bench_continual.py` does). Then every entry of
+merge experiment (`server.experiments.merging`, `server.loop.run_federation`) with the real ClientApp on in-process
+nodes (`server.local_grid.LocalGrid`, as `bench_continual.py` does). Then every entry of
 `fedsparse.merging.MERGE_METHODS` (task_arithmetic, average, ties, dare_ta, dare_ties) is applied to those experts
 in four columns:
 
@@ -49,14 +49,14 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"local": "merge-local", "nonlocal": "merge-nonlocal"}
@@ -90,37 +90,6 @@ class Row:
     merged_accuracy: float
     expert_accuracy: float
     normalized: float
-
-
-class InProcessGrid:
-    """A Flower Grid whose nodes are the client handlers in this process, one Context.state per node; a handler's
-    exception becomes an error reply, as in Flower."""
-
-    def __init__(self, cfg: dict) -> None:
-        import client.merging  # noqa: F401  (registers the merge handlers)
-        from client.handlers import HANDLERS
-
-        self.handlers = HANDLERS
-        self.cfg = cfg
-        self.partitions = {1000 + p: p for p in range(cfg["num-clients"])}
-        self.states = {node: RecordDict() for node in self.partitions}
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Every node, always connected."""
-        return list(self.partitions)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        """Each message handled by its node, in order."""
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            try:
-                content = self.handlers[message.metadata.message_type](message.content, self.states[node], self.cfg,
-                                                                       self.partitions[node])
-                replies.append(Message(content, reply_to=message))
-            except Exception as err:  # noqa: BLE001  (as Flower: any client exception is an error reply)
-                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
-        return replies
 
 
 def preset_config(setting: str, seed: int, workdir: Path, overrides: list[str]) -> dict:
@@ -162,14 +131,16 @@ def recording_merge_experiments() -> Iterator[list]:
 def train_experts(cfg: dict) -> Experts:
     """One federated merge run of `cfg` in this process; the experts it trained."""
     from client.merging import EXPERT
+    from server.local_grid import LocalGrid
     from server.loop import run_federation
 
     start = time.perf_counter()
-    grid = InProcessGrid(cfg)
+    grid = LocalGrid(cfg, first_node_id=1000)
     with recording_merge_experiments() as built:
         summary = run_federation(grid, cfg)
     server = {p: {k: v.clone() for k, v in state.items()} for p, state in built[-1].strategy.experts.items()}
-    clients = {partition: grid.states[node][EXPERT].to_torch_state_dict() for node, partition in grid.partitions.items()}
+    clients = {grid.partition(node): context.state[EXPERT].to_torch_state_dict()
+               for node, context in grid.contexts.items()}
     return Experts(server, clients, dict(summary["expert_accuracy"]), time.perf_counter() - start)
 
 
