@@ -35,7 +35,7 @@ from fedsparse.optim import OPTIMIZERS
 from fedsparse.tasks import STREAMS as CL_STREAMS
 
 DATASETS = ("fashion-mnist", "mnist", "usps", "cifar10", "cifar100", "digits")
-PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
+PARTITIONERS = ("iid", "dirichlet", "dirichlet-balanced", "pathological", "shard")
 VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block scales (fedsparse.transport)
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
@@ -175,6 +175,10 @@ SCHEMA: dict[str, Key] = {
     "weight-decay": Key(float, 0.0, "SGD weight decay", check=lambda v: v >= 0, rule=">= 0"),
     "grad-clip": Key(float, 0.0, "clip the gradient norm to this (0 = off)", check=lambda v: v >= 0,
                      rule=">= 0"),
+    "augment": Key(str, "none", "training-batch augmentation (crop-flip: 4-pixel padded random crop + horizontal flip, "
+                   "seeded; also on the saliency batch)", ("none", "crop-flip")),
+    "normalize": Key(bool, False, "standardise inputs per channel with the training set's mean/std (train, saliency "
+                     "and evaluation)"),
     "optimizer": Key(str, "sgd", "local optimiser (fedsparse.optim; momentum is beta1 of the adam family)",
                      tuple(OPTIMIZERS)),
     "seed": Key(int, 42, "seed for data split, init, sampling and training",

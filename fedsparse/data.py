@@ -248,11 +248,17 @@ def load_dataset(name: str, data_root: str = "") -> Dataset:
 
 
 def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3, classes_per_client: int = 2,
-                     shards_per_client: int = 2):
-    """A flwr-datasets partitioner over the column `label`."""
+                     shards_per_client: int = 2, num_examples: int | None = None):
+    """A flwr-datasets partitioner over the column `label`.
+
+    `dirichlet-balanced` is the SSFL paper's split: every client holds the same number of examples (the first
+    `num_examples % num_clients` clients one more), with class priors drawn from Dir(alpha); it is flwr-datasets'
+    `InnerDirichletPartitioner` with equal `partition_sizes`, which needs `num_examples` (give it for that kind).
+    """
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
+        InnerDirichletPartitioner,
         PathologicalPartitioner,
         ShardPartitioner,
     )
@@ -262,6 +268,11 @@ def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3,
     if kind == "dirichlet":
         return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
                                     min_partition_size=2, self_balancing=True, seed=seed)
+    if kind == "dirichlet-balanced":
+        if num_examples is None or num_examples < num_clients:
+            raise ValueError(f"dirichlet-balanced needs num_examples >= num_clients ({num_clients}), got {num_examples}")
+        sizes = balanced_sizes(num_examples, num_clients)
+        return InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=alpha, seed=seed)
     if kind == "pathological":
         return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
                                        num_classes_per_partition=classes_per_client, seed=seed)
@@ -269,6 +280,12 @@ def make_partitioner(kind: str, num_clients: int, seed: int, alpha: float = 0.3,
         return ShardPartitioner(num_partitions=num_clients, partition_by="label",
                                 num_shards_per_partition=shards_per_client, seed=seed)
     raise ValueError(f"unknown partitioner '{kind}'")
+
+
+def balanced_sizes(num_examples: int, num_clients: int) -> list[int]:
+    """Equal client sizes summing to `num_examples`: the first `num_examples % num_clients` get one more."""
+    base, extra = divmod(num_examples, num_clients)
+    return [base + (1 if i < extra else 0) for i in range(num_clients)]
 
 
 def partition_code_key() -> tuple[str, ...]:
@@ -319,7 +336,8 @@ def partition_labels(labels: np.ndarray, source: str, kind: str, num_clients: in
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client,
+                                   num_examples=len(labels))
     partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     parts = tuple(np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
                   for i in range(num_clients))
@@ -350,3 +368,28 @@ def label_histograms(cfg: dict) -> np.ndarray:
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     return np.stack([np.bincount(ds.y_train[client_split(cfg, i)[0]], minlength=ds.num_classes)
                      for i in range(cfg["num-clients"])])
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel mean and standard deviation of a training set, for input normalisation."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def channel_stats(x: np.ndarray) -> ChannelStats:
+    """Mean and std of every channel of images (N, C, H, W), computed in float64 (a zero std becomes 1, so a
+    constant channel is only centred)."""
+    if x.ndim != 4:
+        raise ValueError(f"channel_stats expects images (N, C, H, W), got shape {x.shape}")
+    values = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    std = values.std(axis=1)
+    return ChannelStats(tuple(float(m) for m in values.mean(axis=1)),
+                        tuple(float(s) if s > 0 else 1.0 for s in std))
+
+
+@lru_cache(maxsize=4)
+def dataset_channel_stats(name: str, data_root: str = "", train_subset: int = 0) -> ChannelStats:
+    """`channel_stats` of a dataset's training set (its `train_subset` prefix when > 0), cached per process."""
+    return channel_stats(load_dataset(name, data_root).x_train[: train_subset or None])
