@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsparse import sparse, transport
+from fedsparse import codec, sparse, transport
 from fedsparse.data import client_split, load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.topk import encode_topk_update
@@ -241,9 +241,23 @@ def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: in
                              device=pick_device(cfg["device"]))
     flat = torch.cat([scores[k].reshape(-1) for k in layout.maskable])
     return RecordDict({
-        "scores": ArrayRecord({"saliency": Array(flat.numpy().astype(np.float32))}),
+        "scores": ArrayRecord({"saliency": Array(saliency_upload(flat, content["config"]))}),
         "metrics": MetricRecord({"num-examples": len(x), "partition-id": partition_id}),
     })
+
+
+def saliency_upload(flat: torch.Tensor, config: ConfigRecord) -> np.ndarray:
+    """The `saliency` array a client sends: float32 scores by default; in `saliency-dtype` (float16, or bfloat16
+    as uint16 bits) if the query says so; and with `saliency-keep` k' > 0, only the k' highest scores (ties: the
+    earlier position) as one fedsparse.codec buffer (uint8) of positions + values."""
+    dtype = str(config.get("saliency-dtype", "float32"))
+    keep = int(config.get("saliency-keep", 0))
+    if keep <= 0:
+        return transport.to_wire(flat, dtype)
+    values = flat.detach().cpu().float().numpy()
+    positions = np.sort(np.argsort(-values, kind="stable")[:keep])
+    buffer = codec.encode_sparse(values.size, positions, values[positions], dtype)
+    return np.frombuffer(buffer, dtype=np.uint8).copy()
 
 
 @handler("query.install_mask")

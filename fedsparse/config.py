@@ -40,6 +40,7 @@ VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block sca
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 SALIENCY_AGGREGATIONS = ("weighted", "mean")
+SALIENCY_DTYPES = ("float32", "float16", "bfloat16")  # how a client uploads its saliency scores
 TRANSFER_METHODS = ("data_selection", "static_only", "all_data")  # fedsparse.unlearning.transfer
 # the unlearn experiment's phase 2 (server.experiments.unlearning)
 UNLEARN_METHODS = ("retrain", "finetune", "del", "federaser")
@@ -193,6 +194,9 @@ SCHEMA: dict[str, Key] = {
     "sparse.saliency-batches": Key(int, 1, "minibatches per client for the saliency score", check=lambda v: v >= 1,
                             rule=">= 1"),
     "sparse.saliency-aggregation": Key(str, "weighted", "how the server averages client scores", SALIENCY_AGGREGATIONS),
+    "sparse.saliency-dtype": Key(str, "float32", "precision of the uploaded saliency scores", SALIENCY_DTYPES),
+    "sparse.saliency-topk": Key(float, 0.0, "each client uploads only its top ceil(x * k) scores (k = mask size); 0 = all",
+                         check=lambda v: v >= 0.0, rule=">= 0"),
     "sparse.value-dtype": Key(str, "float32", "precision of values on the wire (sparse strategies)", VALUE_DTYPES),
     "sparse.warmup-rounds": Key(int, 1, "magnitude: dense rounds before the mask is fixed", check=lambda v: v >= 0,
                          rule=">= 0"),

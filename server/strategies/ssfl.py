@@ -1,16 +1,25 @@
 """SSFL: clients score |w * dL/dw| at the shared initialisation; the server averages the scores into one global
-top-k mask, fixed for the run (Ohib et al., "SSFL: Discovering Sparse Unified Subnetworks at Initialization")."""
+top-k mask, fixed for the run (Ohib et al., "SSFL: Discovering Sparse Unified Subnetworks at Initialization").
+
+Cheaper uploads (beyond the paper; both off by default, and then every byte and every mask is as before):
+- `sparse.saliency-dtype` float16/bfloat16: the scores travel in that dtype; the server upcasts to float32.
+- `sparse.saliency-topk` x > 0: each client sends only its own top k' = ceil(x * k) scores (k = the mask's kept
+  count, round(density * num_maskable)) as one fedsparse.codec buffer (positions + values); the server scatters
+  them into a dense vector (missing = 0) and averages with the usual weights.
+When either is on, the query's config carries `saliency-dtype` and `saliency-keep` (k', 0 = dense)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedsparse import replies, sparse, transport
-from fedsparse.config import SALIENCY_AGGREGATIONS
+from fedsparse import codec, replies, sparse, transport
+from fedsparse.config import SALIENCY_AGGREGATIONS, SALIENCY_DTYPES
 from server.strategies.base import ReplyError, weighted_mean
 from server.strategies.masked import MaskedFedAvg
 from server.strategies.nodes import sample_partitions
@@ -23,35 +32,58 @@ class SSFL(MaskedFedAvg):
     -------------------------------------------------
     saliency_fraction : share of the partitions asked for scores (seeded by `seed`), in (0, 1].
     saliency_aggregation : "weighted" (by the clients' example counts) or "mean" (each client alike).
+    saliency_dtype : "float32" (default), "float16" or "bfloat16": precision of the uploaded scores.
+    saliency_topk : 0 (default: every score) or x > 0: each client uploads its top ceil(x * k) scores, sparse.
     """
 
     name = "ssfl"
     config_keys: frozenset[str] = MaskedFedAvg.config_keys | {"sparse.saliency-fraction", "sparse.saliency-batches",
-                                                              "sparse.saliency-aggregation"}
+                                                              "sparse.saliency-aggregation", "sparse.saliency-dtype",
+                                                              "sparse.saliency-topk"}
 
     def __init__(self, *, maskable: Sequence[str], saliency_fraction: float = 1.0,
-                 saliency_aggregation: str = "weighted", **kwargs) -> None:
+                 saliency_aggregation: str = "weighted", saliency_dtype: str = "float32",
+                 saliency_topk: float = 0.0, **kwargs) -> None:
         if not 0.0 < saliency_fraction <= 1.0:
             raise ValueError(f"saliency_fraction must be in (0, 1], got {saliency_fraction}")
         if saliency_aggregation not in SALIENCY_AGGREGATIONS:
             raise ValueError(f"saliency_aggregation must be one of {', '.join(SALIENCY_AGGREGATIONS)}, got "
                              f"{saliency_aggregation!r}")
+        if saliency_dtype not in SALIENCY_DTYPES:
+            raise ValueError(f"saliency_dtype must be one of {', '.join(SALIENCY_DTYPES)}, got {saliency_dtype!r}")
+        if not (math.isfinite(saliency_topk) and saliency_topk >= 0.0):
+            raise ValueError(f"saliency_topk must be a finite number >= 0, got {saliency_topk}")
         super().__init__(maskable=maskable, **kwargs)
         self.saliency_fraction, self.saliency_aggregation = saliency_fraction, saliency_aggregation
+        self.saliency_dtype, self.saliency_topk = saliency_dtype, saliency_topk
 
     @classmethod
     def config_arguments(cls, cfg: dict) -> dict:
-        """MaskedFedAvg's arguments plus saliency_fraction and saliency_aggregation (the clients read
+        """MaskedFedAvg's arguments plus saliency_fraction, _aggregation, _dtype and _topk (the clients read
         `sparse.saliency-batches` from their own run config)."""
         return {**super().config_arguments(cfg), "saliency_fraction": cfg["sparse.saliency-fraction"],
-                "saliency_aggregation": cfg["sparse.saliency-aggregation"]}
+                "saliency_aggregation": cfg["sparse.saliency-aggregation"],
+                "saliency_dtype": cfg.get("sparse.saliency-dtype", "float32"),
+                "saliency_topk": cfg.get("sparse.saliency-topk", 0.0)}
+
+    @property
+    def saliency_keep(self) -> int:
+        """k': how many scores each client uploads when saliency_topk > 0 (ceil(topk * k), at most every weight);
+        0 when saliency_topk is 0 (dense upload)."""
+        if self.saliency_topk == 0.0:
+            return 0
+        n = self.layout.num_maskable
+        return min(n, math.ceil(self.saliency_topk * round(self.target_density * n)))
 
     def make_mask(self, grid: Grid, nodes: dict[int, int], state: sparse.State) -> sparse.Masks:
         """Ask the sampled partitions for saliency scores at `state`, average them, keep the top density."""
         asked = sample_partitions(self.num_clients, self.saliency_fraction, self.seed, 0)
         _, dense = sparse.gather(state, self.layout, None)
+        extra = None
+        if self.saliency_dtype != "float32" or self.saliency_topk != 0.0:  # default: the config of before
+            extra = {"saliency-dtype": self.saliency_dtype, "saliency-keep": self.saliency_keep}
         content = RecordDict({"arrays": transport.make_payload(torch.zeros(0), dense, "float32"),
-                              "config": self.train_config(0)})
+                              "config": self.train_config(0, extra)})
         messages = [Message(content, dst_node_id=nodes[p], message_type="query.saliency")
                     for p in asked if p in nodes]
         scores = []
@@ -73,16 +105,34 @@ class SSFL(MaskedFedAvg):
     def read_scores(self, reply: Message) -> tuple[int, int, torch.Tensor]:
         """(partition id, num-examples, scores) of a valid saliency reply; ReplyError says why not."""
         fields = replies.read_saliency(reply.content, self.known.get(int(reply.metadata.src_node_id)))
-        arr = fields.scores
-        if arr.dtype != "float32" or tuple(arr.shape) != (self.layout.num_maskable,):
-            raise ReplyError(f"scores must be float32 of shape ({self.layout.num_maskable},), got "
-                             f"{arr.dtype} {tuple(arr.shape)}")
-        try:
-            s = torch.from_numpy(arr.numpy().copy())
-        except Exception as err:  # a garbled npy buffer
-            raise ReplyError(f"scores cannot be decoded: {err}") from err
+        s = self.decode_scores(fields.scores)
         if tuple(s.shape) != (self.layout.num_maskable,):
             raise ReplyError(f"scores hold shape {tuple(s.shape)}, expected ({self.layout.num_maskable},)")
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise ReplyError("scores must be finite and non-negative")
         return fields.partition_id, fields.num_examples, s
+
+    def decode_scores(self, arr) -> torch.Tensor:
+        """The float32 score vector of one reply's `saliency` Array, in the form this run asked for; ReplyError
+        if the Array is not that form (wrong dtype or shape, a bad codec buffer, more than k' entries)."""
+        n = self.layout.num_maskable
+        if self.saliency_keep == 0:
+            wire = "uint16" if self.saliency_dtype == "bfloat16" else self.saliency_dtype
+            if arr.dtype != wire or tuple(arr.shape) != (n,):
+                raise ReplyError(f"scores must be {wire} of shape ({n},), got {arr.dtype} {tuple(arr.shape)}")
+            try:
+                return transport.from_wire(arr.numpy().copy(), self.saliency_dtype)
+            except Exception as err:  # a garbled npy buffer
+                raise ReplyError(f"scores cannot be decoded: {err}") from err
+        if arr.dtype != "uint8" or len(arr.shape) != 1:
+            raise ReplyError(f"sparse scores must be a 1-d uint8 codec buffer, got {arr.dtype} {tuple(arr.shape)}")
+        try:
+            shape, positions, values = codec.decode_sparse(arr.numpy().tobytes(), max_elements=n)
+        except Exception as err:  # CodecError or a garbled npy buffer
+            raise ReplyError(f"sparse scores cannot be decoded: {err}") from err
+        if shape != (n,) or positions.size > self.saliency_keep:
+            raise ReplyError(f"sparse scores must have shape ({n},) and at most {self.saliency_keep} entries, got "
+                             f"{shape} with {positions.size}")
+        dense = np.zeros(n, dtype=np.float32)
+        dense[positions] = values
+        return torch.from_numpy(dense)
