@@ -29,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsparse import codec, sparse, transport
-from fedsparse.data import client_split, load_dataset
+from fedsparse.data import client_split, input_stats, load_dataset
 from fedsparse.models import build_model, maskable_names
 from fedsparse.topk import encode_topk_update
 from fedsparse.train import Objective, StepCallback, TrainConfig, pick_device, saliency_scores, train_local
@@ -200,7 +200,8 @@ def local_update(content: RecordDict, state: RecordDict, cfg: dict, partition_id
     conf = content["config"]
     x, y = data if data is not None else client_data(cfg, task_of(content, cfg), partition_id)
     settings = TrainConfig(cfg["local-epochs"], cfg["batch-size"], float(conf["lr"]), cfg["momentum"],
-                           cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
+                           cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"],
+                           augment=cfg.get("augment", "none"), normalize=input_stats(cfg))
     # the procedure's seams go to train_local only when used, so the default call is the same as before them
     procedure = {"objective": objective} if objective is not None else {}
     if callbacks:
@@ -238,7 +239,8 @@ def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: in
     x, y = local_data(cfg, partition_id)
     scores = saliency_scores(net, x, y, list(layout.maskable), batch_size=cfg["batch-size"],
                              batches=cfg["sparse.saliency-batches"], seed=_seed(cfg, 0, partition_id),
-                             device=pick_device(cfg["device"]))
+                             device=pick_device(cfg["device"]), augment=cfg.get("augment", "none"),
+                             normalize=input_stats(cfg))
     flat = torch.cat([scores[k].reshape(-1) for k in layout.maskable])
     return RecordDict({
         "scores": ArrayRecord({"saliency": Array(saliency_upload(flat, content["config"]))}),

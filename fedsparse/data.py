@@ -389,6 +389,15 @@ def channel_stats(x: np.ndarray) -> ChannelStats:
                         tuple(float(s) if s > 0 else 1.0 for s in std))
 
 
+def input_stats(cfg: dict) -> ChannelStats | None:
+    """What a run standardises its inputs with: the per-channel stats of its training set (the `train-subset`
+    prefix) when `normalize` is on, else None. The clients' training and saliency batches and the server's test
+    set all use this, so every path sees the same inputs."""
+    if not cfg.get("normalize", False):
+        return None
+    return dataset_channel_stats(cfg["dataset"], cfg["data-root"], cfg["train-subset"])
+
+
 @lru_cache(maxsize=4)
 def dataset_channel_stats(name: str, data_root: str = "", train_subset: int = 0) -> ChannelStats:
     """`channel_stats` of a dataset's training set (its `train_subset` prefix when > 0), cached per process."""

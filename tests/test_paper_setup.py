@@ -133,3 +133,17 @@ def test_config_errors_name_the_key():
         resolve({"partitioner": "balanced"})
     assert resolve({"partitioner": "dirichlet-balanced", "augment": "crop-flip", "normalize": True})["augment"] == \
         "crop-flip"
+
+
+def test_a_run_standardises_with_its_training_set_stats_only_when_asked():
+    from fedsparse.data import dataset_channel_stats, input_stats
+    from server.experiments.standard import StandardExperiment
+
+    plain = resolve({"dataset": "digits", "model": "mlp"})
+    assert input_stats(plain) is None
+    asked = resolve({"dataset": "digits", "model": "mlp", "normalize": True, "train-subset": 500})
+    assert input_stats(asked) == dataset_channel_stats("digits", "", 500)
+    assert input_stats(asked) == channel_stats(load_dataset("digits").x_train[:500])
+    # the server's test-set evaluator uses the same stats as the clients
+    assert StandardExperiment(asked).phases[0].evaluators[0].normalize == input_stats(asked)
+    assert StandardExperiment(plain).phases[0].evaluators[0].normalize is None

@@ -38,6 +38,7 @@ import torch
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, Message, RecordDict
 
+    from fedsparse.data import ChannelStats
     from server.strategies.base import FedAvg
 
 log = logging.getLogger("fedsparse")
@@ -143,12 +144,13 @@ class TestSetEvaluator:
     x: np.ndarray
     y: np.ndarray
     device: torch.device | None = None
+    normalize: ChannelStats | None = None  # per-channel input standardisation (the run's `normalize`)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         """The accuracy and mean loss of `model` on the set (the same numbers as `fedsparse.train.evaluate`)."""
         from fedsparse.train import evaluate
 
-        loss, accuracy = evaluate(model, self.x, self.y, device=self.device)
+        loss, accuracy = evaluate(model, self.x, self.y, device=self.device, normalize=self.normalize)
         return {f"acc/{self.task}": accuracy, f"loss/{self.task}": loss}
 
 

@@ -17,7 +17,7 @@ class StandardExperiment:
     config_namespaces: frozenset[str] = frozenset()
 
     def __init__(self, cfg: dict) -> None:
-        from fedsparse.data import load_dataset
+        from fedsparse.data import input_stats, load_dataset
         from fedsparse.models import build_model, maskable_names
         from fedsparse.train import pick_device
         from server.strategies import STRATEGIES
@@ -27,7 +27,8 @@ class StandardExperiment:
         patterns = tuple(cfg["sparse.mask-layers"].split(","))
         strategy = STRATEGIES[cfg["strategy"]].from_config(cfg, maskable_names(self.model, patterns))
         strategy.max_examples = len(data.y_train[: cfg["train-subset"] or None])  # no client holds more
-        evaluator = TestSetEvaluator(cfg["dataset"], data.x_test, data.y_test, pick_device(cfg["device"]))
+        evaluator = TestSetEvaluator(cfg["dataset"], data.x_test, data.y_test, pick_device(cfg["device"]),
+                                     normalize=input_stats(cfg))
         self.phases: list[Phase] = [Phase(name="train", task=cfg["dataset"], rounds=cfg["num-rounds"],
                                           strategy=strategy, evaluators=[evaluator])]
 
