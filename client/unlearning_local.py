@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 from flwr.app import MetricRecord, RecordDict
 from torch import nn
 
@@ -48,8 +47,7 @@ from fedsparse import sparse
 from fedsparse.config import UNLEARN_LOCAL_METHODS
 from fedsparse.train import evaluate, pick_device
 from fedsparse.unlearning import ArrayData, UnlearnConfig, unlearn
-from fedsparse.unlearning.core import Trainer, batches, prepare
-from fedsparse.unlearning.methods.scrub import distillation_kl
+from fedsparse.unlearning.methods.scrub import scrub_from_teacher
 
 LOCAL_TRAIN_MESSAGE = "train.unlearn_local"
 TEACHER_RECORD = "teacher"
@@ -117,35 +115,6 @@ def phase_settings(cfg: dict, lr: float, step: PhaseStep, seed: int, device: str
         neggrad_beta=cfg["unlearn.neggrad-beta"], salun_fraction=cfg["unlearn.salun-fraction"],
         l1_coefficient=cfg["unlearn.l1-coefficient"] * (1 - (step.phase_round - 1) / step.phase_rounds),
         scrub_max_epochs=max(0, cfg["unlearn.scrub-max-epochs"] - (step.phase_round - 1) * epochs))
-
-
-def scrub_from_teacher(model: nn.Module, teacher: nn.Module, retain: ArrayData, forget: ArrayData,
-                       settings: UnlearnConfig) -> nn.Module:
-    """SCRUB (`fedsparse.unlearning.methods.scrub`) with the teacher given rather than taken from `model`: the same
-    max pass over `forget` (in the first `scrub_max_epochs` epochs, skipped when `forget` is empty) and min pass
-    over `retain`, the same losses, seeds and batches. With `teacher` equal to `model` it is the library's
-    `scrub`. `model` and `teacher` are left unchanged."""
-    work, device, generator = prepare(model, settings)
-    frozen = prepare(teacher, settings)[0].eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    trainer = Trainer(work, settings, mask=settings.mask)
-    temperature = settings.scrub_temperature
-    for epoch in range(settings.epochs):
-        if epoch < settings.scrub_max_epochs and len(forget):
-            for xb, _ in batches(forget, settings.batch_size, generator, device):
-                with torch.no_grad():
-                    target = frozen(xb)
-                trainer.step(-distillation_kl(work(xb), target, temperature))
-        for xb, yb in batches(retain, settings.batch_size, generator, device):
-            with torch.no_grad():
-                target = frozen(xb)
-            out = work(xb)
-            loss = (settings.scrub_gamma * nn.functional.cross_entropy(out, yb)
-                    + settings.scrub_alpha * distillation_kl(out, target, temperature))
-            trainer.step(loss)
-        trainer.end_epoch()
-    return work.eval()
 
 
 def run_local_method(method: str, model: nn.Module, parts: ClientParts, settings: UnlearnConfig,

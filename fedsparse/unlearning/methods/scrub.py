@@ -9,8 +9,6 @@ methods (the SCRUB notebooks use Adam).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -25,26 +23,35 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl * temperature**2
 
 
-def scrub(model: nn.Module, retain: ArrayData, forget: ArrayData, cfg: UnlearnConfig) -> nn.Module:
-    """SCRUB's min-max distillation for `epochs` epochs (on `cfg.mask` only, if set)."""
-    work, device, generator = prepare(model, cfg)
-    teacher = copy.deepcopy(work).eval()
-    for p in teacher.parameters():
+def scrub_from_teacher(model: nn.Module, teacher: nn.Module, retain: ArrayData, forget: ArrayData,
+                       settings: UnlearnConfig) -> nn.Module:
+    """SCRUB with the teacher given (federated rounds pass the model of the phase's start): a max pass over
+    `forget` in the first `scrub_max_epochs` epochs (skipped when `forget` is empty), then a min pass over
+    `retain`, every epoch. `model` and `teacher` are left unchanged."""
+    work, device, generator = prepare(model, settings)
+    frozen = prepare(teacher, settings)[0].eval()
+    for p in frozen.parameters():
         p.requires_grad_(False)
-    trainer = Trainer(work, cfg, mask=cfg.mask)
-    temperature = cfg.scrub_temperature
-    for epoch in range(cfg.epochs):
-        if epoch < cfg.scrub_max_epochs:
-            for xb, _ in batches(forget, cfg.batch_size, generator, device):
+    trainer = Trainer(work, settings, mask=settings.mask)
+    temperature = settings.scrub_temperature
+    for epoch in range(settings.epochs):
+        if epoch < settings.scrub_max_epochs and len(forget):
+            for xb, _ in batches(forget, settings.batch_size, generator, device):
                 with torch.no_grad():
-                    target = teacher(xb)
+                    target = frozen(xb)
                 trainer.step(-distillation_kl(work(xb), target, temperature))
-        for xb, yb in batches(retain, cfg.batch_size, generator, device):
+        for xb, yb in batches(retain, settings.batch_size, generator, device):
             with torch.no_grad():
-                target = teacher(xb)
+                target = frozen(xb)
             out = work(xb)
-            loss = (cfg.scrub_gamma * nn.functional.cross_entropy(out, yb)
-                    + cfg.scrub_alpha * distillation_kl(out, target, temperature))
+            loss = (settings.scrub_gamma * nn.functional.cross_entropy(out, yb)
+                    + settings.scrub_alpha * distillation_kl(out, target, temperature))
             trainer.step(loss)
         trainer.end_epoch()
     return work.eval()
+
+
+def scrub(model: nn.Module, retain: ArrayData, forget: ArrayData, cfg: UnlearnConfig) -> nn.Module:
+    """SCRUB's min-max distillation for `epochs` epochs (on `cfg.mask` only, if set), the original model being
+    its own teacher."""
+    return scrub_from_teacher(model, model, retain, forget, cfg)
