@@ -49,6 +49,7 @@ UNLEARN_LOCAL_METHODS = ("gradient_ascent", "neggrad_plus", "l1_sparse", "random
 UNLEARN_FORGET_SETS = ("client", "client-samples", "uniform", "class")  # client.unlearning.forget_split
 UNLEARN_TRANSPORTS = ("dense", "values")  # how the unlearn experiment's DEL rounds carry the model
 CONN_DATA = ("full", "partition")  # the connectivity experiment's training data (client.connectivity)
+UNLEARN_SCORE_DTYPES = ("float32", "float16")  # how a client sends its DEL scores (forget set on many clients)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
@@ -259,6 +260,8 @@ SCHEMA: dict[str, Key] = {
     "unlearn.neggrad-beta": Key(float, 0.99, "neggrad_plus: loss = beta CE(retain) - (1 - beta) CE(forget)",
                                 check=_in_unit_open, rule="in (0, 1]"),
     "unlearn.l1-coefficient": Key(float, 5e-4, "l1_sparse: L1 weight at the phase start (decays linearly to 0)",
+    "unlearn.score-dtype": Key(str, "float32", "del with uniform / class forget sets: precision of the channel scores "
+                               "each forget-set holder sends", UNLEARN_SCORE_DTYPES),
                                   check=lambda v: v >= 0, rule=">= 0"),
     "unlearn.salun-fraction": Key(float, 0.5, "salun: share of parameters in the saliency mask",
                                   check=_in_unit_open, rule="in (0, 1]"),
