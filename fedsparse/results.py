@@ -1,5 +1,10 @@
 """Results of a run: `config.json`, `rounds.csv`, `summary.json` and `curves.png` in the output folder, and
-`report()` which compares several runs in one table and one plot."""
+`report()` which compares several runs in one table and one plot.
+
+A round the runner did not evaluate (`eval-every` > 1) has NaN test metrics in memory and empty cells in
+rounds.csv; every reader here skips those rounds where it needs a measured accuracy (best accuracy, plots). The
+last round of a run is always evaluated, so its final accuracy is a measured one.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +35,23 @@ def round_columns(rows: list[dict]) -> list[str]:
     return [*ROUND_COLUMNS, PHASE_COLUMN, *extra]
 
 
+def csv_cell(value: Any) -> Any:
+    """A rounds.csv cell: a missing or NaN metric (a round that was not evaluated) is an empty cell."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
 def write_rounds(path: Path, rows: list[dict]) -> None:
-    """Write rounds.csv (atomically): one line per round; a metric a round did not measure is left empty."""
+    """Write rounds.csv (atomically): one line per round; a metric a round did not measure (missing or NaN) is left
+    empty, and reads back as NaN."""
     columns = round_columns(rows)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
-            w.writerow({k: row.get(k, "") for k in columns})
+            w.writerow({k: csv_cell(row.get(k)) for k in columns})
     tmp.replace(path)
 
 
@@ -59,12 +72,13 @@ def read_rounds(path: Path, *, missing_ok: bool = False) -> list[dict[str, float
 
 
 def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
-    """summary.json's entries from the config and the rows (accuracy, loss, bytes, seconds), plus `extra`."""
-    accs = [r["test_accuracy"] for r in rows]
+    """summary.json's entries from the config and the rows (accuracy, loss, bytes, seconds), plus `extra`.
+    `final_accuracy` is the last round's; `best_accuracy` the best over the evaluated rounds."""
+    accs = [r["test_accuracy"] for r in rows if math.isfinite(r["test_accuracy"])]
     return {
         "strategy": cfg["strategy"], "dataset": cfg["dataset"], "model": cfg["model"],
         "rounds": len(rows),
-        "final_accuracy": accs[-1] if accs else None,
+        "final_accuracy": rows[-1]["test_accuracy"] if rows else None,
         "best_accuracy": max(accs) if accs else None,
         "final_loss": rows[-1]["test_loss"] if rows else None,
         "bytes_down": sum(r["bytes_down"] for r in rows),
@@ -77,7 +91,8 @@ def summarize(cfg: dict, rows: list[dict], extra: dict) -> dict:
 
 
 def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path, title: str = "") -> None:
-    """Accuracy against round and against cumulative megabytes (both directions, one-off costs included)."""
+    """Accuracy against round and against cumulative megabytes (both directions, one-off costs included); rounds
+    that were not evaluated are left out of the curves (their bytes still count)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -86,12 +101,13 @@ def plot_runs(runs: dict[str, list[dict]], oneoff: dict[str, float], path: Path,
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in runs.items():
-        rounds = [r["round"] for r in rows]
-        acc = [100 * r["test_accuracy"] for r in rows]
-        total, mb = oneoff.get(label, 0.0), []
+        total, rounds, acc, mb = oneoff.get(label, 0.0), [], [], []
         for r in rows:
             total += r["bytes_down"] + r["bytes_up"]
-            mb.append(total / 1e6)
+            if math.isfinite(r["test_accuracy"]):
+                rounds.append(r["round"])
+                acc.append(100 * r["test_accuracy"])
+                mb.append(total / 1e6)
         ax1.plot(rounds, acc, marker=".", label=label)
         ax2.plot(mb, acc, marker=".", label=label)
     ax1.set_xlabel("round")

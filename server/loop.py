@@ -14,8 +14,12 @@ Invariants:
 - Resume: a run killed after round k and started again with `resume=true` continues with round k+1 of the same
   phase (strategy and experiment states restored from the checkpoint) and ends with the same model as an
   uninterrupted run.
-- A round whose every reply was rejected, or whose global model gives a non-finite loss, stops the run with
-  `TrainingFailed`; the checkpoint of the last good round stays.
+- Evaluation: the evaluators score the global model every `eval-every`-th round of a phase and always at a phase's
+  last round; the other rounds' rows carry NaN test metrics (empty cells in rounds.csv). Skipping an evaluation
+  never changes the training: the model after round k is the same for every `eval-every`.
+- A round whose every reply was rejected, whose aggregated train loss is not finite, or (on an evaluated round)
+  whose global model gives a non-finite test loss, stops the run with `TrainingFailed`; the checkpoint of the last
+  good round stays.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ class TrainingFailed(RuntimeError):
 
 
 def progress(cfg: dict, row: dict, total_rounds: int) -> None:
-    """One line per round on stderr."""
-    print(f"[fedsparse] round {int(row['round'])}/{total_rounds}  acc {100 * row['test_accuracy']:.2f}%  "
-          f"loss {row['test_loss']:.4f}  down {row['bytes_down'] / 1e6:.3f} MB  up {row['bytes_up'] / 1e6:.3f} MB"
+    """One line per round on stderr ("acc -  loss -" on a round that was not evaluated)."""
+    evaluated = math.isfinite(row["test_accuracy"])
+    accuracy = f"{100 * row['test_accuracy']:.2f}%" if evaluated else "-"
+    loss = f"{row['test_loss']:.4f}" if evaluated else "-"
+    print(f"[fedsparse] round {int(row['round'])}/{total_rounds}  acc {accuracy}  "
+          f"loss {loss}  down {row['bytes_down'] / 1e6:.3f} MB  up {row['bytes_up'] / 1e6:.3f} MB"
           f"  clients {row['clients']}  rejected {row['rejected']}  {row['seconds']:.1f} s",
           file=sys.stderr, flush=True)
 
@@ -97,6 +104,17 @@ def initial_model(experiment: Experiment, cfg: dict) -> torch.nn.Module:
 
     data = load_dataset(cfg["dataset"], cfg["data-root"])
     return build_model(cfg["model"], data.input_shape, data.num_classes, seed=cfg["seed"])
+
+
+def is_evaluated(phase_round: int, phase_rounds: int, eval_every: int) -> bool:
+    """Whether the runner evaluates the global model after round `phase_round` (1-based, within its phase): every
+    `eval_every`-th round and always the phase's last one."""
+    if eval_every < 1:
+        raise ValueError(f"eval-every must be >= 1, got {eval_every}")
+    return phase_round % eval_every == 0 or phase_round == phase_rounds
+
+
+NOT_EVALUATED = {"test_loss": math.nan, "test_accuracy": math.nan}  # a row's test metrics when it was not evaluated
 
 
 def phase_of_round(phases: list[Phase], server_round: int) -> tuple[int, int]:
@@ -177,8 +195,13 @@ def run_federation(grid, run_config: dict) -> dict:
                 ctx.arrays, ctx.nodes = arrays, strategy.roster.partitions()
                 arrays = phase.after_round(ctx, phase_round, arrays)
             traffic = counting.rounds() - before
-            scores = evaluate(phase, model, arrays)
-            if not math.isfinite(scores["test_loss"]):
+            if not math.isfinite(metrics["train_loss"]):
+                raise TrainingFailed(f"round {server_round}: the clients' aggregated train loss is "
+                                     f"{metrics['train_loss']}: the model is diverging. The checkpoint of round "
+                                     f"{server_round - 1} stays in {out}")
+            evaluated = is_evaluated(phase_round, phase.rounds, cfg["eval-every"])
+            scores = evaluate(phase, model, arrays) if evaluated else dict(NOT_EVALUATED)
+            if evaluated and not math.isfinite(scores["test_loss"]):
                 raise TrainingFailed(f"round {server_round}: the global model gives a test loss of "
                                      f"{scores['test_loss']}: it is unusable. The checkpoint of round "
                                      f"{server_round - 1} stays in {out}")

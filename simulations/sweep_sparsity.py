@@ -1,11 +1,20 @@
-"""Sparsity sweep: {ssfl, random, magnitude} x sparsity {0.5, 0.8, 0.9, 0.95} plus dense fedavg, 2 seeds, on the
-`sweep-fmnist` preset. Each run is a `fedsparse run` in its own process (finished runs are skipped, so the sweep
-can be resumed). Writes sweep.csv, sweep.md and sweep.png into the output folder.
+"""Sparsity sweep: {ssfl, random, magnitude} x sparsity {0.5, 0.8, 0.9, 0.95} plus dense fedavg, several seeds.
+Writes sweep.csv (one row per run), sweep.md (per cell: mean, 95% t-interval, n seeds) and sweep.png (final
+accuracy against sparsity and against total MB, with 95% error bars) into the output folder.
 
     python simulations/sweep_sparsity.py --out results/sweep [--rounds 15] [--seeds 1 2]
+    python simulations/sweep_sparsity.py --in-process --preset sweep-fmnist-long --out results/sweep_long \\
+        --seeds 1 2 3 4 5 --cells fedavg ssfl:0.9 magnitude:0.9 random:0.9 ssfl:0.9:int8
 
-Figures are taken after `--rounds` rounds; a finished run with more rounds counts up to that round (with
-lr-decay 1 its first R rounds are exactly those of an R-round run).
+A cell is `strategy[:sparsity[:value-dtype]]` (fedavg has no sparsity; the dtype defaults to float32). Without
+`--cells` every cell of the grid runs. By default each run is a `fedsparse run` in its own process (Flower's Ray
+simulation); `--in-process` runs the real runner (`server.loop.run_federation`) with the real ClientApp in this
+process (`server.local_grid.LocalGrid`): the same rounds without Ray's start-up, one after another. Runs are
+seed-major (every cell of seed 1, then of seed 2, ...), so a sweep stopped early has all cells on its first seeds.
+A finished run (summary.json with at least `--rounds` rounds) is skipped, so a sweep can be resumed; `--report-only`
+runs nothing and writes the files from the run folders present. Figures are taken at round `--rounds`: a finished
+run with more rounds counts up to that round (with lr-decay 1 its first R rounds are exactly those of an R-round
+run), when that round was evaluated.
 """
 
 from __future__ import annotations
@@ -13,113 +22,289 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
+import math
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedsparse.results import read_rounds
-
+REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("ssfl", "random", "magnitude")
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+DEFAULT_DTYPE = "float32"
 
 
-def runs(seeds: list[int]) -> list[tuple[str, float, int]]:
-    grid = [("fedavg", 0.0, s) for s in seeds]
-    grid += [(st, sp, s) for sp in SPARSITIES for st in STRATEGIES for s in seeds]
-    return grid
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One configuration of the sweep: a strategy at a sparsity (0 for dense fedavg) with its values' dtype."""
+
+    strategy: str
+    sparsity: float = 0.0
+    value_dtype: str = DEFAULT_DTYPE
+
+    @classmethod
+    def parse(cls, text: str) -> Cell:
+        """`"fedavg"`, `"ssfl:0.9"` or `"ssfl:0.9:int8"` -> a Cell; ValueError naming the text otherwise."""
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3 or not parts[0]:
+            raise ValueError(f"--cells: {text!r} is not strategy[:sparsity[:value-dtype]]")
+        try:
+            sparsity = float(parts[1]) if len(parts) > 1 else 0.0
+        except ValueError as err:
+            raise ValueError(f"--cells: {text!r}: sparsity {parts[1]!r} is not a number") from err
+        if parts[0] == "fedavg" and (sparsity != 0.0 or len(parts) > 2):
+            raise ValueError(f"--cells: {text!r}: fedavg is dense float32, it takes no sparsity or dtype")
+        if parts[0] != "fedavg" and not 0.0 < sparsity < 1.0:
+            raise ValueError(f"--cells: {text!r}: a sparse strategy needs a sparsity in (0, 1)")
+        return cls(parts[0], sparsity, parts[2] if len(parts) > 2 else DEFAULT_DTYPE)
+
+    @property
+    def label(self) -> str:
+        """The cell's name in tables and plots: "fedavg", "ssfl 0.9", "ssfl 0.9 int8"."""
+        if self.strategy == "fedavg":
+            return "fedavg"
+        suffix = "" if self.value_dtype == DEFAULT_DTYPE else f" {self.value_dtype}"
+        return f"{self.strategy} {self.sparsity:g}{suffix}"
+
+    def folder(self, seed: int) -> str:
+        """The run folder's name of this cell for `seed`."""
+        dtype = "" if self.value_dtype == DEFAULT_DTYPE else f"-{self.value_dtype}"
+        return f"{self.strategy}-s{self.sparsity:g}{dtype}-seed{seed}"
+
+    def assignments(self) -> list[str]:
+        """The `--set` pairs of this cell (none of the sparse keys for fedavg: it would refuse them)."""
+        pairs = [f"strategy={self.strategy}"]
+        if self.strategy != "fedavg":
+            pairs += [f"sparse.sparsity={self.sparsity}", f"sparse.value-dtype={self.value_dtype}"]
+        return pairs
 
 
-def run_one(out: Path, strategy: str, sparsity: float, seed: int, rounds: int, extra: list[str]) -> Path:
-    folder = out / f"{strategy}-s{sparsity:g}-seed{seed}"
-    if (folder / "summary.json").exists() and json.loads((folder / "summary.json").read_text())["rounds"] >= rounds:
-        return folder
-    cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--preset", "sweep-fmnist", "--out", str(folder),
-           "--set", f"strategy={strategy}", f"sparsity={sparsity}", f"seed={seed}", f"num-rounds={rounds}", *extra]
+def grid_cells() -> list[Cell]:
+    """Every cell of the full sweep: fedavg, then each sparse strategy at each sparsity (float32)."""
+    return [Cell("fedavg")] + [Cell(st, sp) for sp in SPARSITIES for st in STRATEGIES]
+
+
+@dataclass
+class RunResult:
+    """One finished run's figures at round `rounds` (accuracies are fractions; MB are 10**6 bytes)."""
+
+    strategy: str
+    sparsity: float
+    value_dtype: str
+    seed: int
+    rounds: int
+    final_accuracy: float
+    best_accuracy: float
+    mb_per_round: float  # mean serialized bytes per round, down + up
+    total_mb: float  # the rounds' bytes plus the one-off bytes
+    bytes_ratio_vs_dense: float
+    seconds: float  # the rounds' wall time
+
+    @property
+    def cell(self) -> Cell:
+        """The cell this run belongs to."""
+        return Cell(self.strategy, self.sparsity, self.value_dtype)
+
+
+def is_finished(folder: Path, rounds: int) -> bool:
+    """Whether `folder` holds a finished run of at least `rounds` rounds."""
+    summary = folder / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["rounds"] >= rounds
+
+
+def run_subprocess(folder: Path, cell: Cell, seed: int, rounds: int, preset: str, extra: list[str]) -> None:
+    """One run as `fedsparse run` in its own process (Ray simulation)."""
+    cmd = [sys.executable, "-m", "fedsparse.cli", "run", "--preset", preset, "--out", str(folder),
+           "--set", *cell.assignments(), f"seed={seed}", f"num-rounds={rounds}", *extra]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return folder
 
 
-def table(rows: list[dict]) -> str:
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["strategy"], r["sparsity"]), []).append(r)
-    lines = [("| strategy | sparsity | final acc % (mean ± sd) | best acc % | total MB (down+up+one-off) | "
-              "ratio vs dense (per round) | seeds |"), "|---|---:|---:|---:|---:|---:|---:|"]
-    for (st, sp), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        acc = [100 * r["final_accuracy"] for r in rs]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {st} | {sp:g} | {statistics.mean(acc):.2f} ± {sd:.2f} | "
-                     f"{statistics.mean(100 * r['best_accuracy'] for r in rs):.2f} | "
-                     f"{statistics.mean(r['total_mb'] for r in rs):.1f} | "
-                     f"{statistics.mean(r['bytes_ratio_vs_dense'] for r in rs):.2f}x | {len(rs)} |")
+def run_in_process(folder: Path, cell: Cell, seed: int, rounds: int, preset: str, extra: list[str]) -> None:
+    """One run with the real runner and ClientApp in this process (`LocalGrid`), from scratch."""
+    from fedsparse.cli import build_config
+    from server.local_grid import LocalGrid
+    from server.loop import run_federation
+
+    cfg = build_config(preset, [*cell.assignments(), f"seed={seed}", f"num-rounds={rounds}", *extra], str(folder),
+                       None)
+    run_federation(LocalGrid(cfg), cfg)
+
+
+def read_result(folder: Path, cell: Cell, seed: int, rounds: int) -> RunResult:
+    """A finished run's figures taken at round `rounds` (which must have been evaluated)."""
+    from fedsparse.results import read_rounds
+
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = read_rounds(folder / "rounds.csv")[:rounds]
+    final = float(rows[-1]["test_accuracy"])
+    if not math.isfinite(final):
+        raise ValueError(f"{folder}: round {len(rows)} was not evaluated; choose a --rounds the run evaluated")
+    round_bytes = sum(float(r["bytes_down"]) + float(r["bytes_up"]) for r in rows)
+    return RunResult(strategy=cell.strategy, sparsity=cell.sparsity, value_dtype=cell.value_dtype, seed=seed,
+                     rounds=len(rows), final_accuracy=final,
+                     best_accuracy=max(float(r["test_accuracy"]) for r in rows
+                                       if math.isfinite(float(r["test_accuracy"]))),
+                     mb_per_round=round_bytes / len(rows) / 1e6,
+                     total_mb=(round_bytes + summary["bytes_oneoff"]) / 1e6,
+                     bytes_ratio_vs_dense=summary["bytes_ratio_vs_dense"],
+                     seconds=sum(float(r["seconds"]) for r in rows))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean and the half-width of its two-sided 95% Student-t confidence interval (0 for one value)."""
+
+    mean: float
+    half_width: float
+    n: int
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> Interval:
+    """Mean of `values` +- t_{(1+confidence)/2, n-1} * sd / sqrt(n) (sd with ddof 1); half-width 0 when n = 1."""
+    if not values:
+        raise ValueError("t_interval needs at least one value")
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Interval(mean, 0.0, 1)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean, half, n)
+
+
+def by_cell(results: list[RunResult]) -> dict[Cell, list[RunResult]]:
+    """The runs grouped by cell, cells in (sparsity, strategy, dtype) order."""
+    groups: dict[Cell, list[RunResult]] = {}
+    for result in results:
+        groups.setdefault(result.cell, []).append(result)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0].sparsity, kv[0].strategy, kv[0].value_dtype)))
+
+
+def table(results: list[RunResult]) -> str:
+    """Markdown: per cell the final and best accuracy (mean, 95% interval), bytes, wall time and seeds."""
+    lines = [("| cell | final acc % (mean ± 95% CI) | best acc % (mean ± 95% CI) | MB per round | total MB "
+              "(incl. one-off) | x fewer bytes per round vs dense | s per run | seeds |"),
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for cell, runs in by_cell(results).items():
+        final = t_interval([100 * r.final_accuracy for r in runs])
+        best = t_interval([100 * r.best_accuracy for r in runs])
+        seeds = ",".join(str(r.seed) for r in sorted(runs, key=lambda r: r.seed))
+        lines.append(f"| {cell.label} | {final.mean:.2f} ± {final.half_width:.2f} | "
+                     f"{best.mean:.2f} ± {best.half_width:.2f} | "
+                     f"{statistics.fmean(r.mb_per_round for r in runs):.3f} | "
+                     f"{statistics.fmean(r.total_mb for r in runs):.1f} | "
+                     f"{statistics.fmean(r.bytes_ratio_vs_dense for r in runs):.2f}x | "
+                     f"{statistics.fmean(r.seconds for r in runs):.0f} | {len(runs)} ({seeds}) |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(results: list[RunResult], path: Path, title: str) -> None:
+    """Final accuracy (mean, 95% t-interval error bars) against sparsity and against total MB, one line per
+    strategy and dtype; dense fedavg as a band (its interval) and a star."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    dense = [100 * r["final_accuracy"] for r in rows if r["strategy"] == "fedavg"]
-    for st in STRATEGIES:
-        pts = sorted({r["sparsity"] for r in rows if r["strategy"] == st})
-        means = [statistics.mean(100 * r["final_accuracy"] for r in rows if r["strategy"] == st and r["sparsity"] == p)
-                 for p in pts]
-        mbs = [statistics.mean(r["total_mb"] for r in rows if r["strategy"] == st and r["sparsity"] == p) for p in pts]
-        ax1.plot(pts, means, marker="o", label=st)
-        ax2.plot(mbs, means, marker="o", label=st)
+    groups = by_cell(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, str], list[Cell]] = {}
+    for cell in groups:
+        if cell.strategy != "fedavg":
+            series.setdefault((cell.strategy, cell.value_dtype), []).append(cell)
+    for (strategy, dtype), cells in series.items():
+        label = strategy if dtype == DEFAULT_DTYPE else f"{strategy} {dtype}"
+        acc = [t_interval([100 * r.final_accuracy for r in groups[c]]) for c in cells]
+        mbs = [statistics.fmean(r.total_mb for r in groups[c]) for c in cells]
+        sparsities = [c.sparsity for c in cells]
+        shown = ax1.errorbar(sparsities, [a.mean for a in acc], yerr=[a.half_width for a in acc], marker="o",
+                             capsize=3, label=label)
+        ax2.errorbar(mbs, [a.mean for a in acc], yerr=[a.half_width for a in acc], marker="o", capsize=3,
+                     label=label, color=shown.lines[0].get_color())
+    dense = groups.get(Cell("fedavg"))
     if dense:
-        ax1.axhline(statistics.mean(dense), color="k", ls="--", label="fedavg (dense)")
-        mb = statistics.mean(r["total_mb"] for r in rows if r["strategy"] == "fedavg")
-        ax2.plot([mb], [statistics.mean(dense)], "k*", ms=12, label="fedavg (dense)")
+        acc = t_interval([100 * r.final_accuracy for r in dense])
+        ax1.axhline(acc.mean, color="k", ls="--", label=f"fedavg (dense), n={acc.n}")
+        ax1.axhspan(acc.mean - acc.half_width, acc.mean + acc.half_width, color="k", alpha=0.08)
+        ax2.errorbar([statistics.fmean(r.total_mb for r in dense)], [acc.mean], yerr=[acc.half_width], fmt="k*",
+                     ms=12, capsize=3, label="fedavg (dense)")
     ax1.set_xlabel("sparsity")
-    ax2.set_xlabel("total MB on the wire")
+    ax2.set_xlabel("total MB on the wire (rounds + one-off)")
     ax2.set_xscale("log")
     ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     for ax in (ax1, ax2):
-        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST, cnn, Dirichlet 0.3, 20 clients (10 per round)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main() -> None:
+def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
+    """sweep.csv, sweep.md and sweep.png in `out`; returns the markdown table."""
+    with (out / "sweep.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    md = table(results)
+    (out / "sweep.md").write_text(md + "\n")
+    plot(results, out / "sweep.png", title)
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the sweep's missing runs, then write its files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/sweep")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "sweep")
+    parser.add_argument("--preset", default="sweep-fmnist", help="the base config (simulations/presets)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cells", nargs="+", type=Cell.parse, default=None,
+                        help="strategy[:sparsity[:value-dtype]] cells to run (default: the whole grid)")
+    parser.add_argument("--in-process", action="store_true", help="run in this process (LocalGrid), not on Ray")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; tables from the folders present")
+    parser.add_argument("--title", default="Fashion-MNIST, cnn, Dirichlet 0.3, 20 clients (10 per round)")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    args = parser.parse_args()
-    out = Path(args.out).resolve()
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for strategy, sparsity, seed in runs(args.seeds):
-        folder = run_one(out, strategy, sparsity, seed, args.rounds, args.set)
-        s = json.loads((folder / "summary.json").read_text())
-        r = read_rounds(folder / "rounds.csv")[: args.rounds]
-        rows.append({"strategy": strategy, "sparsity": sparsity, "seed": seed, "rounds": len(r),
-                     "final_accuracy": r[-1]["test_accuracy"], "best_accuracy": max(x["test_accuracy"] for x in r),
-                     "bytes_ratio_vs_dense": s["bytes_ratio_vs_dense"],
-                     "total_mb": (sum(x["bytes_down"] + x["bytes_up"] for x in r) + s["bytes_oneoff"]) / 1e6,
-                     "seconds": sum(x["seconds"] for x in r)})
-    with (out / "sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    md = table(rows)
-    (out / "sweep.md").write_text(md + "\n")
-    plot(rows, out / "sweep.png")
+    cells = args.cells or grid_cells()
+    if args.in_process:
+        import torch
+        from flwr.supercore.task_identity import TaskIdentity
+
+        torch.set_num_threads(1)
+        logging.getLogger("fedsparse").setLevel(logging.WARNING)
+        sys.path.insert(0, str(REPO))
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages outside a running app
+    runner = run_in_process if args.in_process else run_subprocess
+    results = []
+    for seed in args.seeds:
+        for cell in cells:
+            folder = out / cell.folder(seed)
+            if not is_finished(folder, args.rounds):
+                if args.report_only:
+                    continue
+                start = time.perf_counter()
+                runner(folder, cell, seed, args.rounds, args.preset, args.set)
+                print(f"[sweep] {cell.label} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            results.append(read_result(folder, cell, seed, args.rounds))
+            print(f"[sweep] {cell.label} seed {seed}: final {100 * results[-1].final_accuracy:.2f}%", flush=True)
+    if not results:
+        print("no finished runs", flush=True)
+        return
+    md = write_outputs(out, results, args.title)
     print(md)
-    print(f"\nwritten: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
+    print(f"\nwritten: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}", flush=True)
 
 
 if __name__ == "__main__":
