@@ -14,9 +14,15 @@ A fraction f of n candidates forgets exactly round(f * n) of them.
 
 Handlers (registered in `client.handlers.HANDLERS`; `client.client_app` imports this module):
 - `query.unlearn_mask` (`MASK_MESSAGE`, sent to the client holding the forget set): DEL's localization
-  (`fedsparse.unlearning.methods.deletion_by_localization.del_mask`: weighted gradient of the negated loss on this
-  client's forget part, per output channel, the top `alpha` of all parameters) of the received model; the reply is
-  the mask as packed bits (`pack_parameter_mask`), 1 bit per parameter entry: the scores never leave.
+  (`mask_from_score_shares` of `del_scores`: weighted gradient of the negated loss on this client's forget part, per
+  output channel, the top `alpha` of all parameters; the same mask as `del_mask`) of the received model; the reply
+  is the mask as packed bits (`pack_parameter_mask`), 1 bit per parameter entry: the scores never leave.
+- `query.unlearn_scores` (`SCORES_MESSAGE`, sent to every client holding forget examples when the forget set is
+  spread over clients, `uniform` / `class`): DEL's localization scores (`del_scores`: one per output channel of a
+  tensor with ndim > 1, one per entry of a 1-D tensor) of the received model on this client's forget part, before
+  any selection; the reply is the flat score vector (`flatten_unit_scores`, `named_parameters` order) in the
+  config's `score-dtype` (float32 or float16) and the number of forget examples behind it. The server combines the
+  clients' vectors and selects (`server.experiments.unlearning`).
 - `query.unlearn_freeze` (`FREEZE_MESSAGE`, sent to the clients of the unlearning rounds): keep the freeze mask
   (True = may change) in Context.state with its fingerprint, and, when the message carries them (masked-values
   transport), the frozen values: the received model's values outside the mask; reply the fingerprint computed here.
@@ -58,9 +64,12 @@ from client.handlers import (
 from fedsparse import sparse, transport
 from fedsparse.train import pick_device
 from fedsparse.unlearning.core import ArrayData, Mask, UnlearnConfig
-from fedsparse.unlearning.methods.deletion_by_localization import del_mask
+from fedsparse.unlearning.localization import select_top_fraction, weighted_mean_scores
+from fedsparse.unlearning.methods.deletion_by_localization import del_scores
 
 MASK_MESSAGE = "query.unlearn_mask"
+SCORES_MESSAGE = "query.unlearn_scores"
+SCORE_DTYPES = {"float32": np.float32, "float16": np.float16}  # unlearn.score-dtype -> the reply's dtype
 FREEZE_MESSAGE = "query.unlearn_freeze"
 TRAIN_MESSAGE = "train.unlearn"
 NO_FREEZE = "none"
@@ -161,6 +170,64 @@ def mask_fingerprint(bits: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(bits, dtype=np.uint8).tobytes()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ScoreShare:
+    """DEL's unit scores of one part of the forget set (`del_scores` on it) and the number of its examples."""
+
+    scores: dict[str, torch.Tensor]
+    num_examples: int
+
+
+def mask_from_score_shares(shares: list[ScoreShare], model: nn.Module, alpha: float) -> Mask:
+    """DEL's localization mask from the unit scores of one or more parts of the forget set: their forget-size
+    weighted mean (`weighted_mean_scores`), then the top `alpha` of all of `model`'s parameters in whole units
+    (`select_top_fraction`). The one selection of both paths: the forget-set holder's mask (one share) and the
+    server's mask of a forget set spread over clients; with one share it is `del_mask`'s mask, bit for bit."""
+    if any(share.num_examples < 1 for share in shares):
+        raise ValueError("every score share needs at least one forget example behind it")
+    combined = weighted_mean_scores([(share.scores, float(share.num_examples)) for share in shares])
+    return select_top_fraction(combined, {name: p.shape for name, p in model.named_parameters()}, alpha)
+
+
+def unit_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of DEL's unit scores per parameter: [out_channels] for a tensor with ndim > 1, else its own."""
+    return {name: (p.shape[0],) if p.ndim > 1 else tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def flatten_unit_scores(scores: dict[str, torch.Tensor], model: nn.Module, dtype: str = "float32") -> np.ndarray:
+    """DEL's unit scores as one flat vector in `model.named_parameters()` order, cast to `dtype` (a key of
+    `SCORE_DTYPES`); ValueError when a parameter's scores have not the shape `unit_shapes` gives."""
+    if dtype not in SCORE_DTYPES:
+        raise ValueError(f"unknown score dtype {dtype!r}; known: {', '.join(SCORE_DTYPES)}")
+    parts = []
+    for name, shape in unit_shapes(model).items():
+        values = scores[name].detach().cpu()
+        if tuple(values.shape) != shape:
+            raise ValueError(f"{name}: unit scores of shape {tuple(values.shape)}, expected {shape}")
+        parts.append(values.reshape(-1).numpy())
+    return np.concatenate(parts).astype(SCORE_DTYPES[dtype])
+
+
+def unflatten_unit_scores(flat: np.ndarray, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of `flatten_unit_scores` (float32 tensors); ValueError when `flat` is not a finite float
+    vector of the length the model's units need."""
+    shapes = unit_shapes(model)
+    expected = sum(math.prod(shape) for shape in shapes.values())
+    flat = np.asarray(flat)
+    if flat.dtype.kind != "f":
+        raise ValueError(f"unit scores must be floats, got dtype {flat.dtype}")
+    if flat.shape != (expected,):
+        raise ValueError(f"this model has {expected} unit scores, got shape {flat.shape}")
+    if not np.isfinite(flat).all():
+        raise ValueError(f"{int((~np.isfinite(flat)).sum())} of the unit scores are not finite")
+    scores, start = {}, 0
+    for name, shape in shapes.items():
+        count = math.prod(shape)
+        scores[name] = torch.from_numpy(flat[start:start + count].astype(np.float32)).reshape(shape)
+        start += count
+    return scores
+
+
 # -------------------------------------------------------------------------------- masked-values transport
 
 
@@ -216,13 +283,35 @@ def unlearn_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id
         raise ValueError(f"partition {partition_id} holds no example of the forget set: nothing to localize")
     device = pick_device(cfg["device"])
     net.to(device)
-    settings = UnlearnConfig(batch_size=cfg["batch-size"], del_alpha=float(config["alpha"]), device=str(device))
-    mask = del_mask(net, forget, settings)
+    settings = UnlearnConfig(batch_size=cfg["batch-size"], device=str(device))
+    mask = mask_from_score_shares([ScoreShare(del_scores(net, forget, settings), len(forget))], net,
+                                  float(config["alpha"]))
     net.cpu()
     bits = pack_parameter_mask(mask, net)
     return RecordDict({"mask": ArrayRecord({"bits": Array(bits)}),
                        "metrics": MetricRecord({"selected": int(sum(int(m.sum()) for m in mask.values())),
                                                 "num-examples": len(forget), "partition-id": partition_id})})
+
+
+@handler(SCORES_MESSAGE)
+def unlearn_scores(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
+    """A client holding forget examples: DEL's unit scores of the received model on its forget part, flat, in the
+    config's `score-dtype`, with the number of forget examples; ValueError when it holds none."""
+    net, _ = model_and_layout(cfg)
+    net.load_state_dict(content["model"].to_torch_state_dict())
+    config = content["config"]
+    x, y = local_data(cfg, partition_id)
+    _, forget = client_parts(cfg, partition_id, x, y)
+    if not len(forget):
+        raise ValueError(f"partition {partition_id} holds no example of the forget set: nothing to score")
+    device = pick_device(cfg["device"])
+    net.to(device)
+    settings = UnlearnConfig(batch_size=cfg["batch-size"], device=str(device))
+    scores = del_scores(net, forget, settings)
+    net.cpu()
+    flat = flatten_unit_scores(scores, net, str(config.get("score-dtype", "float32")))
+    return RecordDict({"scores": ArrayRecord({"scores": Array(flat)}),
+                       "metrics": MetricRecord({"num-examples": len(forget), "partition-id": partition_id})})
 
 
 @handler(FREEZE_MESSAGE)

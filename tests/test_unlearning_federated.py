@@ -449,7 +449,6 @@ def test_retrain_never_sees_the_withdrawn_clients_data(tmp_path, task_identity, 
 @pytest.mark.parametrize("setting,key", [({"num-rounds": 5}, "'num-rounds'"),
                                          ({"unlearn": {"client": 3}}, "'unlearn.client'"),
                                          ({"strategy": "ssfl"}, "'strategy'"),
-                                         ({"unlearn": {"method": "del", "forget": "uniform"}}, "'unlearn.forget'"),
                                          ({"unlearn": {"method": "federaser", "federaser-interval": 3}},
                                           "'unlearn.rounds'")])
 def test_withdrawal_settings_are_refused_naming_the_key(setting, key):

@@ -18,11 +18,15 @@ Selection (`select_top_fraction`), the rounding rule: with P parameters in all a
 units (rows or single entries) are taken in descending score order, ties in parameter order, until at least T
 entries are selected. So the selected count lies in [T, T + s - 1], s the size of the last unit taken (one channel
 at most), exactly like the released code's `score >= quantile` cut, which keeps the straddling channel whole.
+
+Scores of several parts of a forget set (held apart, e.g. by clients of a federation) combine by
+`weighted_mean_scores` before the selection; with one part that is the part's own mask, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -111,19 +115,52 @@ def select_top_fraction(scores: dict[str, torch.Tensor], shapes: dict[str, torch
     return mask
 
 
+def unit_scores(model: nn.Module, forget: ArrayData, *, criterion: str = "weighted_grad",
+                granularity: str = "channel", topk_fraction: float = 0.1, batch_size: int = 128,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The scores `localize` ranks, one per unit (`channel`: a row of a tensor with ndim > 1, or an entry of a 1-D
+    tensor; `param`: every entry), before any selection: what `select_top_fraction` takes."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
+    scores = localization_scores(model, forget, criterion=criterion, batch_size=batch_size, device=device)
+    return channel_scores(scores, topk_fraction) if granularity == "channel" else scores
+
+
+def weighted_mean_scores(shares: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """The weighted mean, in float64, of unit scores computed on several parts of a forget set: `shares` holds
+    (scores, weight) pairs with the same names and shapes and weights > 0 (the forget examples behind each).
+
+    With one share the result is that share's scores exactly (its weight normalises to 1.0, and float32 -> float64
+    is exact), so `select_top_fraction` of it is the mask of the scores alone, bit for bit."""
+    if not shares:
+        raise ValueError("weighted_mean_scores needs at least one share")
+    names = set(shares[0][0])
+    if any(set(scores) != names for scores, _ in shares):
+        raise ValueError("every share must score the same parameters")
+    if any(not weight > 0 for _, weight in shares):
+        raise ValueError(f"every weight must be > 0, got {[weight for _, weight in shares]}")
+    total = math.fsum(weight for _, weight in shares)
+    combined = {name: torch.zeros(shares[0][0][name].shape, dtype=torch.float64) for name in shares[0][0]}
+    for scores, weight in shares:
+        for name, values in scores.items():
+            if values.shape != combined[name].shape:
+                raise ValueError(f"{name}: scores of shape {tuple(values.shape)}, expected "
+                                 f"{tuple(combined[name].shape)}")
+            combined[name] += (weight / total) * values.detach().double()
+    return combined
+
+
 def localize(model: nn.Module, forget: ArrayData, *, fraction: float, criterion: str = "weighted_grad",
              granularity: str = "channel", topk_fraction: float = 0.1, batch_size: int = 128,
              device: torch.device | None = None) -> Mask:
-    """The freeze mask of the `fraction` of parameters most implicated in the forget set.
+    """The freeze mask of the `fraction` of parameters most implicated in the forget set: `select_top_fraction`
+    of `unit_scores`.
 
     DEL: `criterion="weighted_grad", granularity="channel", fraction=0.3`; SalUn: `criterion="grad",
     granularity="param", fraction=0.5`.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
-    scores = localization_scores(model, forget, criterion=criterion, batch_size=batch_size, device=device)
-    if granularity == "channel":
-        scores = channel_scores(scores, topk_fraction)
+    scores = unit_scores(model, forget, criterion=criterion, granularity=granularity, topk_fraction=topk_fraction,
+                         batch_size=batch_size, device=device)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     return select_top_fraction(scores, shapes, fraction)
 

@@ -10,9 +10,14 @@
    - `retrain`: the global model goes back to the run's initial model (the oracle: the forget set never reaches
      the model the phase ends with).
    - `finetune`: FedAvg goes on from the trained model.
-   - `del` (federated DEL; forget sets `client` and `client-samples`, the ones one client holds): that client
-     computes DEL's localization on its forget part and sends the mask (`query.unlearn_mask`, packed bits; the
-     scores never leave it); the server resets the selected parameters to a fresh initialisation
+   - `del` (federated DEL): the localization. With the forget set on one client (`client`, `client-samples`)
+     that client computes DEL's localization on its forget part and sends the mask (`query.unlearn_mask`, packed
+     bits; the scores never leave it). With it spread over clients (`uniform`, `class`) every connected client
+     holding forget examples sends its unit scores (`query.unlearn_scores`: one per output channel, float32 or
+     float16 by `unlearn.score-dtype`); the server combines the valid ones by their forget-size weighted mean and
+     takes the top `unlearn.alpha` (`client.unlearning.mask_from_score_shares`, the holder's own selection: with
+     one share it is the holder's mask, bit for bit). A malformed score reply (wrong length or dtype, non-finite,
+     a forget count other than the server's) is rejected and logged; none valid fails the run. Then the server resets the selected parameters to a fresh initialisation
      (`fedsparse.unlearning.core.fresh_initialisation`) and installs the freeze mask (selected parameters plus the
      classifier head, as DEL finetunes) on the clients of the phase (`query.unlearn_freeze`); their rounds train in
      freeze mode, so every parameter outside it keeps its value bit for bit. With `unlearn.transport = "values"`
@@ -57,12 +62,17 @@ from client.unlearning import (
     FREEZE_MISSING,
     MASK_MESSAGE,
     NO_FREEZE,
+    SCORE_DTYPES,
+    SCORES_MESSAGE,
     TRAIN_MESSAGE,
+    ScoreShare,
     complement,
     forget_split,
     freeze_layout,
     mask_fingerprint,
+    mask_from_score_shares,
     pack_parameter_mask,
+    unflatten_unit_scores,
     unpack_parameter_mask,
 )
 from fedsparse import replies, sparse
@@ -81,7 +91,7 @@ from server.strategies.base import ClientUpdate, FedAvg
 
 log = logging.getLogger("fedsparse")
 
-SINGLE_HOLDER_FORGET_SETS = ("client", "client-samples")  # the forget set is on one client: del can localize it
+SINGLE_HOLDER_FORGET_SETS = ("client", "client-samples")  # the forget set is on one client: it sends del's mask
 
 StoredUpdates = dict[int, dict[int, torch.Tensor]]
 """FedEraser's store: training round -> partition id -> that client's accepted update (flat float32, the train
@@ -320,6 +330,29 @@ def partition_data(cfg: dict, partitions: list[int]) -> ArrayData:
                      np.ascontiguousarray(data.y_train[index], dtype=np.int64))
 
 
+def forget_counts(cfg: dict) -> dict[int, int]:
+    """{partition: number of its forget examples} (`client.unlearning.forget_split`, as the clients split)."""
+    data = load_dataset(cfg["dataset"], cfg["data-root"])
+    return {partition: len(forget_split(cfg, partition, data.y_train[client_split(cfg, partition)[0]]).forget)
+            for partition in range(cfg["num-clients"])}
+
+
+def read_score_share(content: RecordDict, model: torch.nn.Module, dtype: str, num_examples: int) -> ScoreShare:
+    """A `query.unlearn_scores` reply as a ScoreShare; ValueError when the scores are not a finite vector of
+    `dtype` of the model's unit count, or the reply's forget count is not `num_examples` (the server's own count,
+    which is the weight: a client cannot weigh more than its forget examples)."""
+    try:
+        flat = replies.get_record(content, "scores", ArrayRecord)["scores"].numpy()
+        claimed = replies.get_int(replies.get_record(content, "metrics", MetricRecord), "num-examples", 0, 2**62)
+    except (ReplyError, KeyError) as err:
+        raise ValueError(f"unreadable score reply: {err}") from err
+    if flat.dtype != SCORE_DTYPES[dtype]:
+        raise ValueError(f"scores of dtype {flat.dtype}, asked for {dtype}")
+    if claimed != num_examples:
+        raise ValueError(f"claims {claimed} forget examples, holds {num_examples}")
+    return ScoreShare(unflatten_unit_scores(flat, model), num_examples)
+
+
 def forget_and_retain(cfg: dict) -> tuple[ArrayData, ArrayData]:
     """(forget, retain) over every client's training examples, by `client.unlearning.forget_split` (the clients'
     own split), concatenated in partition order."""
@@ -398,8 +431,8 @@ class UnlearnExperiment:
     @staticmethod
     def check_config(cfg: dict) -> None:
         """ConfigError naming the key when the settings cannot host the unlearning: another strategy than fedavg,
-        fewer than 2 clients, `unlearn.client` not a client, `num-rounds` other than the two phases' rounds, del on
-        a forget set spread over clients, federaser with `unlearn.rounds` other than its stored rounds.
+        fewer than 2 clients, `unlearn.client` not a client, `num-rounds` other than the two phases' rounds,
+        federaser with `unlearn.rounds` other than its stored rounds.
         `fedsparse run` calls it before Ray starts."""
         if cfg["strategy"] != "fedavg":
             raise ConfigError(f"config key 'strategy': the unlearn experiment runs fedavg, got {cfg['strategy']!r}")
@@ -412,9 +445,6 @@ class UnlearnExperiment:
         if cfg["num-rounds"] != wanted:
             raise ConfigError(f"config key 'num-rounds': unlearn.train-rounds + unlearn.rounds = {wanted}, got "
                               f"{cfg['num-rounds']}")
-        if cfg["unlearn.method"] == "del" and cfg["unlearn.forget"] not in SINGLE_HOLDER_FORGET_SETS:
-            raise ConfigError(f"config key 'unlearn.forget': del localizes on the one client holding the forget set "
-                              f"({', '.join(SINGLE_HOLDER_FORGET_SETS)}), got {cfg['unlearn.forget']!r}")
         if cfg["unlearn.method"] in UNLEARN_LOCAL_METHODS and cfg["unlearn.forget"] == "client":
             raise ConfigError(f"config key 'unlearn.forget': {cfg['unlearn.method']} runs on the clients holding "
                               "forget data, and with 'client' the one holding it withdraws: use client-samples, "
@@ -468,7 +498,23 @@ class UnlearnExperiment:
         self.strategy.set_calibration(calibration, self.cfg["unlearn.federaser-epochs"])
 
     def localize_and_reset(self, ctx: PhaseContext) -> ArrayRecord:
-        """Federated DEL's start: the holder's mask, the reset, the freeze mask on the clients of the phase."""
+        """Federated DEL's start: the localization mask (the holder's, or the combined scores of the holders), the
+        reset, the freeze mask on the clients of the phase."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.trained)
+        if self.cfg["unlearn.forget"] in SINGLE_HOLDER_FORGET_SETS:
+            self.mask = self.holder_mask(ctx, model)
+        else:
+            self.mask = self.combined_mask(ctx, model)
+        reset_masked(model, self.mask, fresh_initialisation(model, self.cfg["seed"]))
+        self.set_freeze(model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not self.strategy.install_freeze(ctx.grid, self.strategy.participants(), state):
+            raise UnlearnError("del: no client of the phase installed the freeze mask")
+        return ArrayRecord(state)
+
+    def holder_mask(self, ctx: PhaseContext, model: torch.nn.Module) -> Mask:
+        """The mask the one client holding the forget set computes and sends (`query.unlearn_mask`)."""
         holder = self.cfg["unlearn.client"]
         if holder not in ctx.nodes:
             raise UnlearnError(f"del: the client holding the forget set (partition {holder}) is not connected: it "
@@ -477,20 +523,43 @@ class UnlearnExperiment:
         reply = self._ask(ctx, {holder: ctx.nodes[holder]}, content, MASK_MESSAGE).get(ctx.nodes[holder])
         if reply is None:
             raise UnlearnError("del: the client holding the forget set sent no mask")
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(self.trained)
         try:
             bits = replies.get_record(reply, "mask", ArrayRecord)["bits"].numpy()
-            self.mask = unpack_parameter_mask(bits, model)
+            mask = unpack_parameter_mask(bits, model)
         except (ReplyError, KeyError, ValueError) as err:
             raise UnlearnError(f"del: the forget set holder's mask is unusable: {err}") from err
-        log.info("del: client %d selected %.4f of the parameters", holder, mask_fraction(self.mask, model))
-        reset_masked(model, self.mask, fresh_initialisation(model, self.cfg["seed"]))
-        self.set_freeze(model)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if not self.strategy.install_freeze(ctx.grid, self.strategy.participants(), state):
-            raise UnlearnError("del: no client of the phase installed the freeze mask")
-        return ArrayRecord(state)
+        log.info("del: client %d selected %.4f of the parameters", holder, mask_fraction(mask, model))
+        return mask
+
+    def combined_mask(self, ctx: PhaseContext, model: torch.nn.Module) -> Mask:
+        """The mask from the unit scores of every connected client holding forget examples
+        (`query.unlearn_scores`), combined by their forget-size weighted mean: each client's scores speak for its
+        forget examples, as FedAvg weighs updates, so a client with 3 forget examples moves the ranking less than
+        one with 300 (the selection only ranks, so a weighted mean and a weighted sum select the same). Malformed
+        replies are rejected and logged; UnlearnError when none is valid."""
+        counts = forget_counts(self.cfg)
+        holders = {p: node for p, node in ctx.nodes.items() if counts.get(p, 0) > 0}
+        if not holders:
+            raise UnlearnError("del: no connected client holds examples of the forget set: nothing to localize")
+        dtype = self.cfg["unlearn.score-dtype"]
+        content = RecordDict({"model": ctx.arrays, "config": ConfigRecord({"score-dtype": dtype})})
+        answers = self._ask(ctx, holders, content, SCORES_MESSAGE)
+        shares = []
+        for partition, node in sorted(holders.items()):
+            if node not in answers:
+                continue  # an error reply, logged by the exchange
+            try:
+                shares.append(read_score_share(answers[node], model, dtype, counts[partition]))
+            except ValueError as err:
+                log.warning("del: rejected the localization scores of partition %d: %s", partition, err)
+        if not shares:
+            raise UnlearnError(f"del: none of the {len(holders)} clients holding forget examples sent usable "
+                               "localization scores")
+        mask = mask_from_score_shares(shares, model, self.cfg["unlearn.alpha"])
+        log.info("del: the scores of %d of %d forget-set holders (%d forget examples) selected %.4f of the "
+                 "parameters", len(shares), len(holders), sum(share.num_examples for share in shares),
+                 mask_fraction(mask, model))
+        return mask
 
     def set_freeze(self, model: torch.nn.Module) -> None:
         """The unlearning strategy trains in DEL's freeze mask: the localization mask plus the classifier head."""

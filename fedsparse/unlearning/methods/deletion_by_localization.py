@@ -26,7 +26,7 @@ from fedsparse.unlearning.core import (
     mask_union,
     prepare,
 )
-from fedsparse.unlearning.localization import localize, reset_masked
+from fedsparse.unlearning.localization import localize, reset_masked, unit_scores
 from fedsparse.unlearning.methods.finetune import finetune
 
 
@@ -34,6 +34,13 @@ def del_mask(model: nn.Module, forget: ArrayData, cfg: UnlearnConfig) -> Mask:
     """DEL's localization mask (step 1) for `model` and `forget`."""
     return localize(model, forget, fraction=cfg.del_alpha, criterion="weighted_grad", granularity="channel",
                     topk_fraction=cfg.del_topk_fraction, batch_size=cfg.batch_size)
+
+
+def del_scores(model: nn.Module, forget: ArrayData, cfg: UnlearnConfig) -> dict[str, torch.Tensor]:
+    """The per-unit scores DEL's localization ranks (one per output channel of a tensor with ndim > 1, one per
+    entry of a 1-D tensor), before the top `del_alpha` is taken: `del_mask` is `select_top_fraction` of them."""
+    return unit_scores(model, forget, criterion="weighted_grad", granularity="channel",
+                       topk_fraction=cfg.del_topk_fraction, batch_size=cfg.batch_size)
 
 
 def head_mask(model: nn.Module) -> Mask:
