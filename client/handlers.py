@@ -3,7 +3,10 @@
 `HANDLERS` maps a Flower message type ("train", "train.<name>", "query.<name>") to a handler
 `(content, state, cfg, partition_id) -> RecordDict`. The ClientApp (`client.client_app`) only looks the handler up; a
 new strategy that needs a new client action registers one with `@handler("query.<name>")` (here, or in its own
-module of `client/` that `client.client_app` imports, as `client.continual` does).
+module of `client/`, as `client.continual` does) and names that module in `HANDLER_MODULES`: a lookup of a type not
+registered yet imports its module then (a deployed ClientApp process imports only what its message needs). An
+experiment whose clients report another discovery example count (`example_bound`) names its module in
+`EXPERIMENT_MODULES`.
 
 The data a train message trains on is `client_data(cfg, task, partition_id)`, with `task = config["task"]` of the
 message (default: the run's dataset).
@@ -20,9 +23,12 @@ the mask it used (`mask-fingerprint`): the server rejects a reply bound to anoth
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,12 +37,55 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsparse import codec, sparse, transport
 from fedsparse.data import client_split, input_stats, load_dataset
 from fedsparse.models import build_model, maskable_names
+from fedsparse.partition_cache import DatasetShape, cached_dataset_shape, cached_partition
 from fedsparse.topk import encode_topk_update
 from fedsparse.train import Objective, StepCallback, TrainConfig, pick_device, saliency_scores, train_local
 from fedsparse.transport import TOPK_RESIDUAL, topk_arrays
 
 Handler = Callable[[RecordDict, RecordDict, dict, int], RecordDict]
-HANDLERS: dict[str, Handler] = {}
+
+HANDLER_MODULES: dict[str, str] = {
+    "query.info": "client.handlers", "query.install_mask": "client.handlers", "query.saliency": "client.handlers",
+    "train": "client.handlers", "train.topk": "client.handlers",
+    "train.connectivity": "client.connectivity",
+    "query.cl_anchor": "client.continual", "query.cl_fisher": "client.continual", "train.continual": "client.continual",
+    "train.lm": "client.language",
+    "query.lmf_install": "client.language_facts", "query.lmf_mask": "client.language_facts",
+    "query.unlearn_freeze": "client.language_facts", "query.unlearn_mask": "client.language_facts",
+    "query.unlearn_scores": "client.unlearning",
+    "train.lmf": "client.language_facts", "train.unlearn": "client.language_facts",
+    "train.lmu": "client.language_unlearning",
+    "query.merge_tact": "client.merging", "train.merge": "client.merging",
+    "query.transfer_select": "client.transfer", "train.transfer": "client.transfer",
+    "train.unlearn_local": "client.unlearning_local",
+}
+"""Every message type the ClientApp routes -> the module of `client/` that registers its handler. The module is
+imported when the handler is first looked up (`HandlerRegistry`), so a ClientApp process imports only what its
+message needs (tests/test_client_startup.py checks the table against the registrations)."""
+
+EXPERIMENT_MODULES: dict[str, str] = {
+    "connectivity": "client.connectivity", "continual": "client.continual", "lm": "client.language",
+    "lm-mechanistic": "client.language_facts", "lm-unlearn": "client.language_unlearning",
+    "merge": "client.merging", "transfer": "client.transfer",
+}
+"""Experiment -> the module that registers its clients' discovery example count (`example_bound`)."""
+
+
+class HandlerRegistry(dict[str, "Handler"]):
+    """Message type -> handler. Looking up a type that is not registered yet imports its module
+    (`HANDLER_MODULES`), whose `@handler` registers it; a type in no module is a KeyError."""
+
+    def __missing__(self, message_type: str) -> Handler:
+        module = HANDLER_MODULES.get(message_type)
+        if module is None:
+            raise KeyError(f"no handler for message type {message_type!r}")
+        importlib.import_module(module)
+        if not dict.__contains__(self, message_type):
+            raise KeyError(f"{module} did not register a handler for {message_type!r}")
+        return dict.__getitem__(self, message_type)
+
+
+HANDLERS: HandlerRegistry = HandlerRegistry()
 
 
 def handler(message_type: str) -> Callable[[Handler], Handler]:
@@ -57,24 +106,54 @@ def handler(message_type: str) -> Callable[[Handler], Handler]:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def data_cache_dir(cfg: dict) -> Path:
+    """Where clients keep their prepared partitions (`fedsparse.partition_cache`): `$FEDSPARSE_CACHE/client-data`
+    when that is set, else `data-cache` beside the nodes' state snapshots (`<client-state-dir>`, by default
+    `<output-dir>/client-state`)."""
+    if os.environ.get("FEDSPARSE_CACHE"):
+        return Path(os.environ["FEDSPARSE_CACHE"]) / "client-data"
+    return Path(cfg["client-state-dir"] or Path(cfg["output-dir"]) / "client-state") / "data-cache"
+
+
+def dataset_shape(cfg: dict) -> DatasetShape:
+    """The run's dataset's example shape and class count, recorded on disk once so that a fresh process builds the
+    model without loading the dataset."""
+    def compute() -> DatasetShape:
+        ds = load_dataset(cfg["dataset"], cfg["data-root"])
+        return DatasetShape(ds.input_shape, ds.num_classes)
+
+    return cached_dataset_shape(cfg, data_cache_dir(cfg), compute)
+
+
 @lru_cache(maxsize=2)
-def _template(model: str, dataset: str, data_root: str, layers: str) -> tuple[torch.nn.Module, sparse.Layout]:
-    ds = load_dataset(dataset, data_root)
-    net = build_model(model, ds.input_shape, ds.num_classes, seed=0)
+def _template(model: str, input_shape: tuple[int, ...], num_classes: int, layers: str
+              ) -> tuple[torch.nn.Module, sparse.Layout]:
+    net = build_model(model, input_shape, num_classes, seed=0)
     return net, sparse.Layout.of(net.state_dict(), maskable_names(net, tuple(layers.split(","))))
 
 
 def model_and_layout(cfg: dict) -> tuple[torch.nn.Module, sparse.Layout]:
     """A model of the run's architecture (weights to be overwritten) and its mask layout, cached per process."""
-    return _template(cfg["model"], cfg["dataset"], cfg["data-root"], cfg["sparse.mask-layers"])
+    shape = dataset_shape(cfg)
+    return _template(cfg["model"], shape.input_shape, shape.num_classes, cfg["sparse.mask-layers"])
 
 
-def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """This client's share of the run's dataset: its train examples, or with `split="val"` its held-out ones."""
+def _split_of(cfg: dict, partition_id: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
     train_idx, val_idx = client_split(cfg, partition_id)
     idx = train_idx if split == "train" else val_idx
     return ds.x_train[idx], ds.y_train[idx]
+
+
+def local_data(cfg: dict, partition_id: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """This client's share of the run's dataset: its train examples, or with `split="val"` its held-out ones.
+
+    Prepared once on the node's disk (`fedsparse.partition_cache`, in `data_cache_dir`) and memory-mapped by later
+    messages, so a deployed ClientApp process neither reads the dataset nor draws the partition again; the
+    arrays are the same as computed afresh."""
+    part = cached_partition(cfg, partition_id, "train" if split == "train" else "val", data_cache_dir(cfg),
+                            compute=lambda: _split_of(cfg, partition_id, split))
+    return part.x, part.y
 
 
 def task_of(content: RecordDict, cfg: dict) -> str:
@@ -181,6 +260,8 @@ def info(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -
     """Who am I: lets the server map its random node ids to partitions, so sampling is reproducible. The example
     count bounds every later reply's `num-examples` (`EXAMPLE_BOUNDS` for experiments whose data is not the
     run's dataset)."""
+    if cfg["experiment"] in EXPERIMENT_MODULES:  # registers the experiment's bound
+        importlib.import_module(EXPERIMENT_MODULES[cfg["experiment"]])
     bound = EXAMPLE_BOUNDS.get(cfg["experiment"])
     examples = bound(cfg, partition_id) if bound is not None else len(local_data(cfg, partition_id)[0])
     return RecordDict({"metrics": MetricRecord({"partition-id": partition_id, "num-examples": examples})})
@@ -233,9 +314,13 @@ def train(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) 
 
 @handler("query.saliency")
 def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
-    """SSFL step 1: |w * dL/dw| at the shared initialisation, on this client's own data."""
-    received = receive_model(content, state, cfg)
-    net, layout = received.net, received.layout
+    """SSFL step 1: |w * dL/dw| at the shared initialisation, on this client's own data (the initial model comes
+    with the query, or is rebuilt here from the run's seed when the query carries only its fingerprint)."""
+    if "arrays" in content:
+        received = receive_model(content, state, cfg)
+        net, layout = received.net, received.layout
+    else:
+        net, layout = rebuilt_initial_model(cfg, str(content["config"]["init-fingerprint"]))
     x, y = local_data(cfg, partition_id)
     scores = saliency_scores(net, x, y, list(layout.maskable), batch_size=cfg["batch-size"],
                              batches=cfg["sparse.saliency-batches"], seed=_seed(cfg, 0, partition_id),
@@ -246,6 +331,23 @@ def saliency(content: RecordDict, state: RecordDict, cfg: dict, partition_id: in
         "scores": ArrayRecord({"saliency": Array(saliency_upload(flat, content["config"]))}),
         "metrics": MetricRecord({"num-examples": len(x), "partition-id": partition_id}),
     })
+
+
+class InitMismatch(RuntimeError):
+    """The initial model rebuilt from the run's seed is not the server's (its fingerprint differs)."""
+
+
+def rebuilt_initial_model(cfg: dict, server_fingerprint: str) -> tuple[torch.nn.Module, sparse.Layout]:
+    """The run's seeded initial model built here, as the server built it, with its layout; InitMismatch if its
+    state's fingerprint is not `server_fingerprint` (the server then sends the model)."""
+    net, layout = model_and_layout(cfg)
+    ds = load_dataset(cfg["dataset"], cfg["data-root"])
+    net.load_state_dict(build_model(cfg["model"], ds.input_shape, ds.num_classes, seed=cfg["seed"]).state_dict())
+    mine = sparse.state_fingerprint(net.state_dict())
+    if mine != server_fingerprint:
+        raise InitMismatch(f"the initial model rebuilt from seed {cfg['seed']} has fingerprint {mine}, the server's "
+                           f"{server_fingerprint} (another torch version, or a run not starting from the seeded init)")
+    return net, layout
 
 
 def saliency_upload(flat: torch.Tensor, config: ConfigRecord) -> np.ndarray:

@@ -39,8 +39,10 @@ PARTITIONERS = ("iid", "dirichlet", "dirichlet-balanced", "pathological", "shard
 VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-block scales (fedsparse.transport)
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+DISCOVERY = ("auto", "all", "on-demand")  # server.strategies.nodes: which nodes are asked their partition
 SALIENCY_AGGREGATIONS = ("weighted", "mean")
 SALIENCY_DTYPES = ("float32", "float16", "bfloat16")  # how a client uploads its saliency scores
+SALIENCY_INITS = ("send", "rebuild")  # how a client gets the initial model it scores (see server.strategies.ssfl)
 TRANSFER_METHODS = ("data_selection", "static_only", "all_data")  # fedsparse.unlearning.transfer
 # the unlearn experiment's phase 2 (server.experiments.unlearning)
 UNLEARN_METHODS = ("retrain", "finetune", "del", "federaser")
@@ -48,15 +50,15 @@ UNLEARN_METHODS = ("retrain", "finetune", "del", "federaser")
 UNLEARN_LOCAL_METHODS = ("gradient_ascent", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub")
 UNLEARN_FORGET_SETS = ("client", "client-samples", "uniform", "class")  # client.unlearning.forget_split
 UNLEARN_TRANSPORTS = ("dense", "values")  # how the unlearn experiment's DEL rounds carry the model
-CONN_DATA = ("full", "partition")  # the connectivity experiment's training data (client.connectivity)
 UNLEARN_SCORE_DTYPES = ("float32", "float16")  # how a client sends its DEL scores (forget set on many clients)
+CONN_DATA = ("full", "partition")  # the connectivity experiment's training data (client.connectivity)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and every seed derived from it stay in range
 
 # What `fedsparse run --resume DIR --set ...` may change: nothing that decides the model, the data or the clients'
 # work, only how long the run goes on and where and how fast it runs.
 RESUME_CHANGEABLE = ("num-rounds", "round-timeout", "connect-timeout", "device", "client-num-cpus", "client-num-gpus",
-                     "min-clients")
+                     "min-clients", "discovery")
 # Not compared on resume: where the run folder is (a copied folder resumes) and the resume flag itself.
 RESUME_IGNORED = ("output-dir", "resume")
 
@@ -155,6 +157,8 @@ SCHEMA: dict[str, Key] = {
     # federation
     "num-clients": Key(int, 10, "number of clients (partitions)", check=lambda v: v >= 1, rule=">= 1"),
     "num-rounds": Key(int, 3, "federated rounds", check=lambda v: v >= 1, rule=">= 1"),
+    "eval-every": Key(int, 1, "central evaluation every k-th round (and always a phase's last round)",
+                      check=lambda v: v >= 1, rule=">= 1"),
     "fraction-train": Key(float, 1.0, "fraction of clients sampled per round", check=_in_unit_open,
                           rule="in (0, 1]"),
     "partitioner": Key(str, "dirichlet", "how data is split across clients", PARTITIONERS),
@@ -198,6 +202,8 @@ SCHEMA: dict[str, Key] = {
     "sparse.saliency-dtype": Key(str, "float32", "precision of the uploaded saliency scores", SALIENCY_DTYPES),
     "sparse.saliency-topk": Key(float, 0.0, "each client uploads only its top ceil(x * k) scores (k = mask size); 0 = all",
                          check=lambda v: v >= 0.0, rule=">= 0"),
+    "sparse.saliency-init": Key(str, "send", "ssfl: the saliency query sends the initial model, or the clients "
+                                "rebuild it from seed (checked by fingerprint; sent where it differs)", SALIENCY_INITS),
     "sparse.value-dtype": Key(str, "float32", "precision of values on the wire (sparse strategies)", VALUE_DTYPES),
     "sparse.warmup-rounds": Key(int, 1, "magnitude: dense rounds before the mask is fixed", check=lambda v: v >= 0,
                          rule=">= 0"),
@@ -255,13 +261,13 @@ SCHEMA: dict[str, Key] = {
                                     "runs", check=_in_unit_open, rule="in (0, 1]"),
     "unlearn.transport": Key(str, "values", "del rounds: only the trainable values travel (values) or the dense model",
                              UNLEARN_TRANSPORTS),
+    "unlearn.score-dtype": Key(str, "float32", "del with uniform / class forget sets: precision of the channel scores "
+                               "each forget-set holder sends", UNLEARN_SCORE_DTYPES),
     "unlearn.local-lr": Key(float, 0.0, "registry methods (client.unlearning_local): the clients' learning rate "
                             "(0 = the round's lr)", check=lambda v: v >= 0, rule=">= 0"),
     "unlearn.neggrad-beta": Key(float, 0.99, "neggrad_plus: loss = beta CE(retain) - (1 - beta) CE(forget)",
                                 check=_in_unit_open, rule="in (0, 1]"),
     "unlearn.l1-coefficient": Key(float, 5e-4, "l1_sparse: L1 weight at the phase start (decays linearly to 0)",
-    "unlearn.score-dtype": Key(str, "float32", "del with uniform / class forget sets: precision of the channel scores "
-                               "each forget-set holder sends", UNLEARN_SCORE_DTYPES),
                                   check=lambda v: v >= 0, rule=">= 0"),
     "unlearn.salun-fraction": Key(float, 0.5, "salun: share of parameters in the saliency mask",
                                   check=_in_unit_open, rule="in (0, 1]"),
@@ -401,6 +407,9 @@ SCHEMA: dict[str, Key] = {
                            "before the first round", check=lambda v: v > 0, rule="> 0"),
     "min-clients": Key(int, 0, "wait for this many connected clients before starting (0 = num-clients)",
                        check=lambda v: v >= 0, rule=">= 0"),
+    "discovery": Key(str, "auto", "which nodes the server asks their partition (query.info): all before round 1, or "
+                     "on-demand only those a round samples (start-up independent of num-clients); auto = on-demand "
+                     "for the standard experiment of a strategy without one-off exchanges, else all", DISCOVERY),
     "output-dir": Key(str, "results/latest", "where results and checkpoints go",
                       check=lambda v: bool(v.strip()), rule="a non-empty path"),
     "resume": Key(bool, False, "continue from the checkpoint in output-dir"),

@@ -133,6 +133,17 @@ def fingerprint(bits: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()[:16]
 
 
+def state_fingerprint(state: State) -> str:
+    """A short hash of a whole state dict (names, dtypes, shapes and bytes, in name order): two processes that
+    built the same model from the same seed get the same fingerprint, any other difference a different one."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def gather(state: State, layout: Layout, masks: Masks | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked values in mask order, dense tensors concatenated). Without masks every tensor is dense."""
     if masks is None:

@@ -196,6 +196,7 @@ def test_cli_stops_a_bad_setting_before_ray(capsys, tmp_path, monkeypatch):
 OFF_DEFAULT = {"sparse.sparsity": 0.5, "sparse.mask-scope": "layerwise", "sparse.mask-layers": "conv",
                "sparse.saliency-fraction": 0.5, "sparse.saliency-batches": 2, "sparse.saliency-aggregation": "mean",
                "sparse.saliency-dtype": "bfloat16", "sparse.saliency-topk": 2.0,
+               "sparse.saliency-init": "rebuild",
                "sparse.value-dtype": "float16", "sparse.warmup-rounds": 2, "sparse.topk-density": 0.2}
 
 
