@@ -1,9 +1,11 @@
 """fedsparse's FedAvg, a Flower strategy (`flwr.serverapp.strategy.FedAvg`), and the machinery its subclasses share.
 
 Hooks, as in Flower (`Strategy.start` or the fedsparse runner call them):
-- `configure_train(server_round, arrays, config, grid)`: discovers the nodes (query.info) the first time and
-  whenever new ones connect, runs the one-off exchanges of `prepare` (SSFL's saliency, the mask install) through
-  the same grid, samples the round's partitions seeded by (seed, round), and returns the train messages.
+- `configure_train(server_round, arrays, config, grid)`: samples the round's partitions seeded by (seed, round),
+  learns which nodes hold them (query.info: with `discovery="all"` every node, the first time and whenever new ones
+  connect; with `discovery="on-demand"` only the nodes of the sampled partitions, see `server.strategies.nodes`),
+  runs the one-off exchanges of `prepare` (SSFL's saliency, the mask install) through the same grid, and returns
+  the train messages.
 - `aggregate_train(server_round, replies)`: validates every reply, aggregates the accepted ones, returns the new
   dense global model and the round's metrics.
 - `configure_evaluate` / `aggregate_evaluate`: no federated evaluation (fedsparse evaluates the global model
@@ -40,8 +42,10 @@ from fedsparse.transport import ReplyError
 from server.strategies.nodes import (
     Exchange,
     Failures,
+    InfoQuery,
     Roster,
     exchange,
+    registration_order,
     sample_partitions,
     sort_replies,
     wait_for_nodes,
@@ -50,6 +54,7 @@ from server.strategies.nodes import (
 log = logging.getLogger("fedsparse")
 
 MAX_EXAMPLES = 2**62
+DISCOVERY_MODES = ("all", "on-demand")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class FedAvg(FlowerFedAvg):
     max_examples : the most examples a node may report at discovery (None: no bound beyond 2**62).
     min_available_nodes : nodes to wait for before the first discovery, for up to `connect_timeout` seconds.
     round_timeout : seconds to wait for the replies of a one-off exchange (`start` sets it to its `timeout`).
+    discovery : "all" (ask every node its partition before round 1, and every newcomer) or "on-demand" (ask only
+        the nodes a round samples: `Roster.locate`; start-up then does not grow with the number of clients).
+    discovery_batch : on demand, how many not-yet-asked nodes one query.info batch asks when no hint names the
+        node of a sampled partition (a deployment).
     """
 
     name = "fedavg"
@@ -109,14 +118,17 @@ class FedAvg(FlowerFedAvg):
     def __init__(self, *, maskable: Sequence[str], num_clients: int | None = None, fraction_train: float = 1.0,
                  lr: float = 0.05, lr_decay: float = 1.0, aggregation: str = "mean", trim_fraction: float = 0.1,
                  max_update_norm_ratio: float = 50.0, seed: int = 0, max_examples: int | None = None,
-                 min_available_nodes: int = 1, connect_timeout: float = 120.0, round_timeout: float = 900.0
-                 ) -> None:
+                 min_available_nodes: int = 1, connect_timeout: float = 120.0, round_timeout: float = 900.0,
+                 discovery: str = "all", discovery_batch: int = 64) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         if lr <= 0 or not 0.0 < lr_decay <= 1.0:
             raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {lr}, {lr_decay}")
+        if discovery not in DISCOVERY_MODES or discovery_batch < 1:
+            raise ValueError(f"discovery must be one of {', '.join(DISCOVERY_MODES)} and discovery_batch >= 1, got "
+                             f"{discovery!r}, {discovery_batch}")
         if num_clients is not None and num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         if max_update_norm_ratio < 0 or not 0.0 <= trim_fraction < 0.5:
@@ -136,7 +148,10 @@ class FedAvg(FlowerFedAvg):
         self.layout: sparse.Layout | None = None  # fixed by the first model configure_train sees
         self.masks: sparse.Masks | None = None
         self.fingerprint = sparse.NO_MASK
+        self.discovery, self.discovery_batch = discovery, discovery_batch
         self.roster = Roster()
+        self.hint: list[int] | None = None  # node id of each partition, as the simulation engine registered them
+        self.connected_once = False
         self.failures = Failures()
         self.plans: dict[int, RoundPlan] = {}
 
@@ -152,7 +167,35 @@ class FedAvg(FlowerFedAvg):
                 "lr_decay": cfg["lr-decay"], "aggregation": cfg["aggregation"],
                 "trim_fraction": cfg["trim-fraction"], "max_update_norm_ratio": cfg["max-update-norm-ratio"],
                 "seed": cfg["seed"], "min_available_nodes": cfg["min-clients"] or cfg["num-clients"],
-                "connect_timeout": cfg["connect-timeout"], "round_timeout": cfg["round-timeout"]}
+                "connect_timeout": cfg["connect-timeout"], "round_timeout": cfg["round-timeout"],
+                "discovery": cls.discovery_mode(cfg)}
+
+    @classmethod
+    def allows_on_demand_discovery(cls) -> bool:
+        """Whether the strategy can run knowing only the nodes of the sampled partitions: it has no one-off
+        exchanges (`prepare`), which talk to every known client (the masked strategies' mask and saliency)."""
+        return cls.prepare is FedAvg.prepare
+
+    @classmethod
+    def discovery_mode(cls, cfg: dict) -> str:
+        """The discovery a config asks for; its `discovery` key "auto" (the default) means "on-demand" for the
+        standard experiment of a strategy that allows it, "all" otherwise (other experiments' hooks talk to every
+        client)."""
+        asked = cfg.get("discovery", "auto")
+        if asked == "on-demand" and not cls.allows_on_demand_discovery():
+            from fedsparse.config import ConfigError
+
+            raise ConfigError(f"config key 'discovery': strategy {cls.name} has one-off exchanges with every client "
+                              "(its mask, its saliency round), so it needs discovery=all (or auto)")
+        standard = cfg.get("experiment", "standard") == "standard"
+        if asked == "on-demand" and not standard:
+            from fedsparse.config import ConfigError
+
+            raise ConfigError(f"config key 'discovery': experiment {cfg['experiment']} has hooks that talk to every "
+                              "client, so it needs discovery=all (or auto)")
+        if asked != "auto":
+            return asked
+        return "on-demand" if cls.allows_on_demand_discovery() and standard else "all"
 
     # ---- settings a subclass changes
     @property
@@ -193,10 +236,12 @@ class FedAvg(FlowerFedAvg):
         (the four entries fedsparse sets, server-round, lr, value-dtype and mask-fingerprint, take precedence)."""
         state = self.bind(arrays)
         self.discover(grid)
+        sampled = sample_partitions(self.num_clients, self.fraction_train, self.seed, server_round)
+        if self.discovery == "on-demand":
+            self.locate(grid, sampled)
         state = self.prepare(grid, server_round, state)
         nodes = self.roster.partitions()
-        picked = [p for p in sample_partitions(self.num_clients, self.fraction_train, self.seed, server_round)
-                  if p in nodes]
+        picked = [p for p in sampled if p in nodes]
         content = self.train_content(server_round, state, config)
         messages = [Message(content, dst_node_id=nodes[p], message_type=self.message_type) for p in picked]
         self.plans[server_round] = RoundPlan(server_round, state, self.masks, self.fingerprint, messages,
@@ -274,13 +319,24 @@ class FedAvg(FlowerFedAvg):
         """Refuse a model this strategy cannot run on (the masked strategies check the density)."""
 
     def discover(self, grid: Grid) -> dict[int, int]:
-        """Wait for the first nodes once, ask every new node its partition (query.info); {partition: node id}."""
-        if not self.roster.known and not self.roster.dropped:
+        """Wait for the first nodes once; with `discovery="all"` ask every new node its partition (query.info).
+        {partition: node id} of the nodes known (on demand: those located so far, none before round 1)."""
+        if not self.connected_once and not self.roster.known and not self.roster.dropped:
             wait_for_nodes(grid, self.min_available_nodes, self.connect_timeout)
+            self.connected_once = True
             if self.num_clients is None:
                 self.num_clients = len(list(grid.get_node_ids()))
-        self.roster.discover(grid, self.num_clients, self.max_examples, self.failures, self.round_timeout)
+        if self.discovery == "all":
+            self.roster.discover(grid, self.num_clients, self.max_examples, self.failures, self.round_timeout)
         return self.roster.partitions()
+
+    def locate(self, grid: Grid, partitions: Sequence[int]) -> dict[int, int]:
+        """Learn the nodes of `partitions` asking only as many nodes as needed (`Roster.locate`, with the
+        simulation engine's registration order as hint where there is one); {partition: node id} of those found."""
+        if self.hint is None:
+            self.hint = registration_order(grid, self.num_clients)
+        query = InfoQuery(self.num_clients, self.max_examples, self.failures, self.round_timeout)
+        return self.roster.locate(grid, partitions, query, self.hint, self.discovery_batch)
 
     def prepare(self, grid: Grid, server_round: int, state: sparse.State) -> sparse.State:
         """One-off work before `server_round` (none for FedAvg); returns the global model the round sends."""
