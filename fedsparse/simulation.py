@@ -10,7 +10,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the checkout: holds server/, client/ and pyproject.toml
 
@@ -50,12 +53,23 @@ def check_output_dir(cfg: dict) -> None:
         raise ConfigError(f"config key 'output-dir': cannot write to {out}: {err.strerror or err}") from err
 
 
-def check_split(cfg: dict, num_examples: int, num_classes: int) -> None:
-    """Settings a partitioner would fail on, named before it runs (flwr-datasets' own errors name no key)."""
+def check_split(cfg: dict, num_examples: int, num_classes: int, labels: np.ndarray | None = None) -> None:
+    """Settings a partitioner would fail on, named before it runs (flwr-datasets' own errors name no key), with
+    values that work. With the training `labels`, a Dirichlet split is replayed first (`fedsparse.split_check`:
+    exact and fast), so one that cannot be drawn fails here in seconds, naming what would split."""
     from fedsparse.config import ConfigError
 
     if cfg["num-clients"] > num_examples // 2:
-        raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {num_examples} examples")
+        raise ConfigError(f"config key 'num-clients': {cfg['num-clients']} clients for {num_examples} examples; "
+                          f"every client needs at least 2 examples: at most {num_examples // 2} clients")
+    if labels is not None and cfg["partitioner"] == "dirichlet":
+        from fedsparse.split_check import dirichlet_advice, dirichlet_sizes
+
+        if dirichlet_sizes(labels, cfg["num-clients"], cfg["dirichlet-alpha"], cfg["seed"]) is None:
+            advice = dirichlet_advice(labels, cfg["num-clients"], cfg["dirichlet-alpha"], cfg["seed"])
+            raise ConfigError(f"config key 'partitioner': dirichlet split of {num_examples} examples over "
+                              f"{cfg['num-clients']} clients with dirichlet-alpha={cfg['dirichlet-alpha']:g} "
+                              f"cannot be drawn (11 draws, seed {cfg['seed']}); {advice.text()}")
     if cfg["partitioner"] == "shard" and cfg["num-clients"] * cfg["shards-per-client"] > num_examples:
         raise ConfigError(f"config key 'shards-per-client': {cfg['num-clients']} clients x "
                           f"{cfg['shards-per-client']} shards is more shards than the {num_examples} examples; "
@@ -90,12 +104,12 @@ def check_run_settings(cfg: dict) -> None:
             check_experiment(cfg)
         return
     ds = load_dataset(cfg["dataset"], cfg["data-root"])
-    check_split(cfg, len(ds.y_train[: cfg["train-subset"] or None]), ds.num_classes)
+    labels = ds.y_train[: cfg["train-subset"] or None]
+    check_split(cfg, len(labels), ds.num_classes, labels)
     try:
         client_split(cfg, 0)  # draws every client's partition (cached for the run)
-    except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot balance
-        n = len(ds.y_train[: cfg["train-subset"] or None])
-        raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {n} examples over "
+    except ValueError as err:  # flwr-datasets gives up on a draw it cannot balance
+        raise ConfigError(f"config key 'partitioner': {cfg['partitioner']} split of {len(labels)} examples over "
                           f"{cfg['num-clients']} clients failed: {err}") from err
     model = build_model(cfg["model"], ds.input_shape, ds.num_classes)
     if uses_mask(cfg["strategy"]):
