@@ -1,0 +1,220 @@
+"""Where a deployed round's time goes: the real 3-SuperNode local deployment against its floor and its training.
+
+    python simulations/bench_deploy_round.py [--rounds 3] [--before DIR] [--skip-floor] [--out FILE]
+
+Three parts, all on the README's setting (SSFL at 90% sparsity on digits, 3 clients, 1 local epoch):
+
+1. One ClientApp message's pieces, each in a fresh interpreter as `flwr-clientapp` starts one per message:
+   interpreter start, importing Flower's ClientApp API, torch, our ClientApp, then building the model and getting
+   the client's partition (cold: no prepared partition on disk; warm: memory-mapped from
+   `fedsparse.partition_cache`, as every message after a node's first).
+2. Training alone: the local epoch of each client in this process (warm, one thread), the slowest client and the
+   sum.
+3. The deployment (`fedsparse.local_deployment.LocalDeployment`: TLS, node authentication, process isolation) and
+   in it one run of our ClientApp, one of the floor (`simulations/floor_clientapp.py`: train messages answered with
+   a zero update, importing flwr and numpy only) and, with `--before DIR` (a checkout of older code), one of that
+   code's ClientApp; each run's seconds per round from its rounds.csv.
+
+The goal of issue 13: a round (after the first, which holds the one-off saliency and mask exchange) takes at most
+2 x the floor's round plus the training time. Every process runs with one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOOR_APP = "simulations.floor_clientapp:app"
+IMPORT_STEPS = {
+    "interpreter start": "pass",
+    "import flwr ClientApp API": "import flwr.app, flwr.clientapp",
+    "import torch": "import torch",
+    "import our ClientApp": "import client.client_app",
+}
+# One message's own work after the imports, in a fresh interpreter: the model and the client's partition.
+MESSAGE_SCRIPT = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+t0 = time.perf_counter()
+import client.client_app
+from client.handlers import local_data, model_and_layout
+from fedsparse.config import resolve
+t1 = time.perf_counter()
+cfg = resolve({"strategy": "ssfl", "dataset": "digits", "num-clients": 3, "output-dir": sys.argv[1]})
+model_and_layout(cfg)
+t2 = time.perf_counter()
+x, y = local_data(cfg, 0)
+t3 = time.perf_counter()
+print(json.dumps({"imports": t1 - t0, "model": t2 - t1, "data": t3 - t2, "examples": len(x)}))
+"""
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Seconds of one ClientApp message's pieces (fresh interpreters)."""
+
+    interpreter: float
+    flwr: float  # importing flwr.app + flwr.clientapp, beyond the interpreter start
+    torch: float  # importing torch, beyond the interpreter start
+    our_app: float  # importing client.client_app, beyond the interpreter start (includes flwr and torch)
+    model: float  # building the model (first message of a process)
+    data_cold: float  # the client's partition with nothing prepared on disk
+    data_warm: float  # the same with its partition prepared (later messages)
+
+
+def _env(code_dir: Path, cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(code_dir), "FEDSPARSE_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    return env
+
+
+def _wall(code: str, code_dir: Path, cache: Path, repeats: int) -> float:
+    """Median wall seconds of `python -c code` in `code_dir`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=code_dir, env=_env(code_dir, cache), check=True,
+                       stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _message(code_dir: Path, cache: Path, output_dir: Path) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", MESSAGE_SCRIPT, str(output_dir)], cwd=code_dir,
+                         env=_env(code_dir, cache), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_pieces(code_dir: Path, repeats: int = 3) -> Pieces:
+    """One message's pieces for the code in `code_dir` (this checkout or `--before`)."""
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        cache, output = Path(tmp) / "cache", Path(tmp) / "out"
+        walls = {name: _wall(code, code_dir, cache, repeats) for name, code in IMPORT_STEPS.items()}
+        cold = _message(code_dir, cache, output)  # writes what later messages find prepared
+        warm = [_message(code_dir, cache, output) for _ in range(repeats)]
+    start = walls["interpreter start"]
+    return Pieces(interpreter=start, flwr=walls["import flwr ClientApp API"] - start,
+                  torch=walls["import torch"] - start, our_app=walls["import our ClientApp"] - start,
+                  model=statistics.median(w["model"] for w in warm), data_cold=cold["data"],
+                  data_warm=statistics.median(w["data"] for w in warm))
+
+
+def training_seconds(num_clients: int = 3) -> list[float]:
+    """Seconds of each client's local epoch, in this process with one thread (warm: data and model ready)."""
+    import torch
+
+    from client.handlers import local_data, model_and_layout
+    from fedsparse.config import resolve
+    from fedsparse.local_deployment import DEFAULT_RUN
+    from fedsparse.train import TrainConfig, train_local
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-train-") as tmp:
+        cfg = resolve({**DEFAULT_RUN, "num-clients": num_clients, "output-dir": tmp})
+        net, _ = model_and_layout(cfg)
+        settings = TrainConfig(cfg["local-epochs"], cfg["batch-size"], cfg["lr"], cfg["momentum"],
+                               cfg["weight-decay"], cfg["grad-clip"], optimizer=cfg["optimizer"])
+        seconds = []
+        for partition in range(num_clients):
+            x, y = local_data(cfg, partition)
+            train_local(net, x, y, settings, seed=partition)  # warm-up: first-call costs are not training
+            start = time.perf_counter()
+            train_local(net, x, y, settings, seed=partition)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def floor_app(dest: Path) -> Path:
+    """A copy of the Flower app whose ClientApp is the floor (`simulations/floor_clientapp.py`)."""
+    for folder in ("client", "server"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "simulations").mkdir()
+    shutil.copy2(ROOT / "simulations" / "floor_clientapp.py", dest / "simulations" / "floor_clientapp.py")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    component = re.compile(r'^clientapp = ".*"$', re.MULTILINE)
+    if len(component.findall(pyproject)) != 1:
+        raise ValueError("pyproject.toml: expected one clientapp component")
+    (dest / "pyproject.toml").write_text(component.sub(f'clientapp = "{FLOOR_APP}"', pyproject))
+    return dest
+
+
+def deployed_rounds(rounds: int, apps: dict[str, Path | None], workdir: Path) -> dict[str, list[float]]:
+    """{name: seconds per round} of one SSFL run per app in one 3-node deployment (None: this checkout)."""
+    from fedsparse.flower_cli import FINISHED_OK
+    from fedsparse.local_deployment import LocalDeployment
+
+    out = {}
+    with LocalDeployment(nodes=3, workdir=workdir) as dep:
+        for name, app_dir in apps.items():
+            run_id = dep.submit({"num-rounds": rounds}, app_dir=app_dir)
+            status = dep.wait(run_id, timeout=1200)
+            if status["status"] != FINISHED_OK:
+                raise RuntimeError(f"run {name} ended {status['status']}; logs in {dep.logs}")
+            out[name] = [row["seconds"] for row in dep.round_rows(run_id)]
+            dep.log(f"{name}: seconds per round {out[name]}")
+    return out
+
+
+def main() -> None:
+    """The command line (module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="a checkout of older code to measure beside this one")
+    parser.add_argument("--skip-floor", action="store_true", help="no floor run")
+    parser.add_argument("--skip-deployment", action="store_true", help="only the pieces and the training")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh interpreters per piece (median)")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: round 1 holds the one-off exchange")
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    codes = {"ours": ROOT, **({"before": args.before.resolve()} if args.before else {})}
+    pieces = {name: measure_pieces(code, args.repeats) for name, code in codes.items()}
+    for name, p in pieces.items():
+        print(f"[{name}] one message: " + ", ".join(f"{k} {v:.2f} s" for k, v in asdict(p).items()), flush=True)
+    train = training_seconds()
+    print(f"training: {', '.join(f'{s:.2f}' for s in train)} s per client (slowest {max(train):.2f}, "
+          f"sum {sum(train):.2f})", flush=True)
+    report = {"pieces": {k: asdict(v) for k, v in pieces.items()}, "training": train}
+    if not args.skip_deployment:
+        with tempfile.TemporaryDirectory(prefix="bench-deploy-run-") as tmp:
+            apps: dict[str, Path | None] = {"ours": None}
+            if not args.skip_floor:
+                apps["floor"] = floor_app(Path(tmp) / "floor-app")
+            if args.before:
+                apps["before"] = args.before.resolve()
+            report["rounds"] = deployed_rounds(args.rounds, apps, Path(tmp) / "deployment")
+        for name, secs in report["rounds"].items():
+            later = secs[1:]
+            print(f"{name}: round seconds {', '.join(f'{s:.1f}' for s in secs)} (later rounds mean "
+                  f"{statistics.mean(later):.1f})")
+        if "floor" in report["rounds"]:
+            ours = statistics.mean(report["rounds"]["ours"][1:])
+            floor = statistics.mean(report["rounds"]["floor"][1:])
+            bound = 2 * floor + max(train)
+            print(f"goal: round {ours:.1f} s <= 2 x floor {floor:.1f} s + training {max(train):.2f} s = {bound:.1f} s:"
+                  f" {'MET' if ours <= bound else f'NOT met (by {ours - bound:.1f} s)'}")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
