@@ -2,8 +2,9 @@
 `cnn`, Dirichlet 0.3, 20 clients, 90% sparsity) run SSFL's one-off `query.saliency` exchange through the real
 server code (`SSFL.make_mask`) and the real client handler (called in-process, no Flower simulation), once per
 option, and report the exchange's bytes (Flower's count_bytes() of every message and reply) and the mask's
-intersection over union with the exact (float32, dense, all clients) mask. No training: final accuracy is not
-measured here.
+intersection over union with the exact (float32, dense, all clients) mask. The `rebuild` options
+(`sparse.saliency-init`) send only the initial model's fingerprint down; each client rebuilds the seeded model.
+No training: final accuracy is not measured here.
 
     .venv/bin/python simulations/bench_saliency.py [--seed 42] [--out docs/bench_saliency.md]
 """
@@ -39,6 +40,10 @@ OPTIONS = {  # label: run-config overrides of the saliency round
     "topk 1x float16": {"sparse.saliency-topk": 1.0, "sparse.saliency-dtype": "float16"},
     "topk 2x float16": {"sparse.saliency-topk": 2.0, "sparse.saliency-dtype": "float16"},
     "topk 4x float16": {"sparse.saliency-topk": 4.0, "sparse.saliency-dtype": "float16"},
+    "rebuild (float32, dense)": {"sparse.saliency-init": "rebuild"},
+    "rebuild + float16": {"sparse.saliency-init": "rebuild", "sparse.saliency-dtype": "float16"},
+    "rebuild + topk 4x float16": {"sparse.saliency-init": "rebuild", "sparse.saliency-topk": 4.0,
+                                  "sparse.saliency-dtype": "float16"},
     "half the clients (float32, dense)": {"sparse.saliency-fraction": 0.5},
     "half the clients, topk 2x float16": {"sparse.saliency-topk": 2.0, "sparse.saliency-dtype": "float16",
                                           "sparse.saliency-fraction": 0.5},
