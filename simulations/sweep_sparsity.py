@@ -249,13 +249,48 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def layer_densities(folder: Path) -> dict[str, float]:
+    """Kept fraction of each maskable tensor in the mask of a finished masked run (from its checkpoint's strategy
+    state); {} for a run without a mask (fedavg)."""
+    import torch
+
+    from fedsparse import sparse
+
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)["strategy"]
+    if "mask-bits" not in state:
+        return {}
+    masks = sparse.unpack_mask(state["mask-bits"], state["layout"])
+    return {name: float(mask.float().mean()) for name, mask in masks.items()}
+
+
+def density_table(out: Path, results: list[RunResult]) -> str:
+    """Markdown: per masked cell, the mean kept fraction of each maskable tensor over its seeds (where the global
+    top-k put the kept weights)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for result in results:
+        for name, density in layer_densities(out / result.cell.folder(result.seed)).items():
+            rows.setdefault(result.cell.label, {}).setdefault(name, []).append(density)
+    if not rows:
+        return ""
+    names = list(next(iter(rows.values())))
+    lines = ["| cell | " + " | ".join(f"kept in {n}" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for label, per_layer in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{statistics.fmean(per_layer[n]):.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
-    """sweep.csv, sweep.md and sweep.png in `out`; returns the markdown table."""
+    """sweep.csv, sweep.md (the accuracy table, then the masks' kept fraction per layer) and sweep.png in `out`;
+    returns the markdown."""
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(asdict(results[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
     md = table(results)
+    densities = density_table(out, results)
+    if densities:
+        md += "\n\nKept fraction of each masked tensor (mean over seeds):\n\n" + densities
     (out / "sweep.md").write_text(md + "\n")
     plot(results, out / "sweep.png", title)
     return md

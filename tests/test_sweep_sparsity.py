@@ -1,0 +1,95 @@
+"""`simulations/sweep_sparsity.py`: cell parsing, the 95% t-interval against hand computation, and a tiny
+in-process sweep on `digits` whose files (csv, table with intervals, per-layer mask densities, plot) are checked."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "task_identity")
+
+
+def sweep():
+    """The script as a module (simulations/ is not a package)."""
+    name = "sweep_sparsity"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_cells_parse_and_refuse_by_name():
+    cell = sweep().Cell
+    assert cell.parse("fedavg") == cell("fedavg", 0.0, "float32")
+    assert cell.parse("ssfl:0.9") == cell("ssfl", 0.9, "float32")
+    assert cell.parse("ssfl:0.9:int8") == cell("ssfl", 0.9, "int8")
+    assert cell.parse("ssfl:0.9:int8").label == "ssfl 0.9 int8" and cell.parse("ssfl:0.9").label == "ssfl 0.9"
+    assert cell.parse("ssfl:0.9:int8").folder(3) == "ssfl-s0.9-int8-seed3"
+    assert cell.parse("fedavg").assignments() == ["strategy=fedavg"]
+    for bad, reason in [("fedavg:0.5", "fedavg is dense"), ("ssfl", "needs a sparsity"), ("ssfl:x", "not a number"),
+                        ("ssfl:1.0", "needs a sparsity"), ("a:0.5:int8:x", "strategy"), ("", "strategy")]:
+        with pytest.raises(ValueError, match=reason):
+            cell.parse(bad)
+
+
+def test_t_interval_matches_hand_computation():
+    t_interval = sweep().t_interval
+    # [1, 2, 3]: mean 2, sd 1, t(0.975, 2 df) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    got = t_interval([1.0, 2.0, 3.0])
+    assert got.mean == 2.0 and got.n == 3 and math.isclose(got.half_width, 4.302653 / math.sqrt(3), rel_tol=1e-6)
+    # 5 values: t(0.975, 4 df) = 2.776445
+    values = [70.0, 72.0, 74.0, 76.0, 78.0]
+    assert math.isclose(t_interval(values).half_width, 2.776445 * math.sqrt(10.0) / math.sqrt(5), rel_tol=1e-6)
+    assert t_interval([5.0]).half_width == 0.0
+    with pytest.raises(ValueError, match="at least one value"):
+        t_interval([])
+
+
+def test_a_tiny_in_process_sweep_writes_intervals_densities_and_plot(tmp_path):
+    preset = tmp_path / "tiny.toml"
+    preset.write_text('dataset = "digits"\nmodel = "mlp"\nnum-clients = 3\npartitioner = "iid"\n'
+                      'fraction-train = 0.67\nlr = 0.05\neval-every = 2\n')
+    out = tmp_path / "sweep"
+    level = logging.getLogger("fedsparse").level
+    try:
+        sweep().main(["--in-process", "--preset", str(preset), "--out", str(out), "--rounds", "3", "--seeds", "1",
+                      "2", "--cells", "fedavg", "ssfl:0.5"])
+    finally:
+        logging.getLogger("fedsparse").setLevel(level)
+    with (out / "sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["strategy"], r["seed"]) for r in rows] == [("fedavg", "1"), ("ssfl", "1"), ("fedavg", "2"),
+                                                          ("ssfl", "2")]
+    assert all(r["rounds"] == "3" for r in rows)
+    ssfl = [float(r["final_accuracy"]) for r in rows if r["strategy"] == "ssfl"]
+    expected = sweep().t_interval([100 * a for a in ssfl])
+    md = (out / "sweep.md").read_text()
+    assert f"| ssfl 0.5 | {expected.mean:.2f} ± {expected.half_width:.2f} |" in md
+    assert "| 2 (1,2) |" in md
+    # the mask keeps half of the mlp's weights in total: the per-layer fractions, weighted by size, give 0.5
+    import torch
+
+    folder = out / "ssfl-s0.5-seed1"
+    densities = sweep().layer_densities(folder)
+    sizes = {k: v.numel() for k, v in torch.load(folder / "final_model.pt").items() if k in densities}
+    assert len(densities) == 3  # the mlp's three linear weights
+    kept = sum(densities[k] * sizes[k] for k in densities)
+    assert abs(kept - 0.5 * sum(sizes.values())) <= 1
+    assert sweep().layer_densities(out / "fedavg-s0-seed1") == {}
+    density_line = next(line for line in md.splitlines() if line.startswith("| ssfl 0.5 |") and "±" not in line)
+    assert len(density_line.split("|")) - 2 == 4  # the cell and three layers
+    assert (out / "sweep.png").stat().st_size > 0
+    # a second call runs nothing: every run is finished
+    sweep().main(["--report-only", "--out", str(out), "--rounds", "3", "--seeds", "1", "2", "--cells", "fedavg",
+                  "ssfl:0.5"])
+    assert (out / "sweep.md").read_text() == md
