@@ -203,6 +203,44 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """The (cell, reference) pairs worth a paired difference: every sparse float32 cell against dense fedavg,
+    SSFL against each other strategy at the same sparsity, and every non-float32 cell against its float32 twin."""
+    present = set(cells)
+    pairs = []
+    for cell in cells:
+        float32_twin = Cell(cell.strategy, cell.sparsity)
+        if cell.value_dtype != DEFAULT_DTYPE:
+            if float32_twin in present:
+                pairs.append((cell, float32_twin))
+        elif cell.strategy != "fedavg" and Cell("fedavg") in present:
+            pairs.append((cell, Cell("fedavg")))
+    for cell in cells:
+        if cell.strategy == "ssfl" and cell.value_dtype == DEFAULT_DTYPE:
+            pairs += [(cell, other) for other in cells if other.strategy not in ("ssfl", "fedavg")
+                      and other.sparsity == cell.sparsity and other.value_dtype == DEFAULT_DTYPE]
+    return pairs
+
+
+def paired_table(results: list[RunResult]) -> str:
+    """Markdown: final-accuracy differences (points) between two cells run with the same seeds (same data split,
+    client sampling and initialisation), mean and 95% t-interval over the seeds both have."""
+    groups = by_cell(results)
+    lines = ["| difference (same seeds) | final acc, points (mean ± 95% CI) | per seed | seeds |",
+             "|---|---:|---|---|"]
+    for cell, reference in comparisons(list(groups)):
+        mine = {r.seed: r.final_accuracy for r in groups[cell]}
+        theirs = {r.seed: r.final_accuracy for r in groups[reference]}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        diffs = [100 * (mine[s] - theirs[s]) for s in seeds]
+        got = t_interval(diffs)
+        lines.append(f"| {cell.label} − {reference.label} | {got.mean:+.2f} ± {got.half_width:.2f} | "
+                     f"{', '.join(f'{d:+.2f}' for d in diffs)} | {len(seeds)} ({','.join(map(str, seeds))}) |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot(results: list[RunResult], path: Path, title: str) -> None:
     """Final accuracy (mean, 95% t-interval error bars) against sparsity and against total MB, one line per
     strategy and dtype; dense fedavg as a band (its interval) and a star."""
@@ -288,6 +326,9 @@ def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
     md = table(results)
+    paired = paired_table(results)
+    if paired:
+        md += "\n\nPaired differences of final accuracy:\n\n" + paired
     densities = density_table(out, results)
     if densities:
         md += "\n\nKept fraction of each masked tensor (mean over seeds):\n\n" + densities

@@ -93,3 +93,27 @@ def test_a_tiny_in_process_sweep_writes_intervals_densities_and_plot(tmp_path):
     sweep().main(["--report-only", "--out", str(out), "--rounds", "3", "--seeds", "1", "2", "--cells", "fedavg",
                   "ssfl:0.5"])
     assert (out / "sweep.md").read_text() == md
+
+
+def test_paired_differences_use_the_seeds_both_cells_have():
+    module = sweep()
+
+    def result(strategy: str, sparsity: float, seed: int, accuracy: float, dtype: str = "float32"):
+        return module.RunResult(strategy=strategy, sparsity=sparsity, value_dtype=dtype, seed=seed, rounds=50,
+                                final_accuracy=accuracy, best_accuracy=accuracy, mb_per_round=1.0, total_mb=50.0,
+                                bytes_ratio_vs_dense=1.0, seconds=1.0)
+
+    results = [result("fedavg", 0.0, 1, 0.80), result("fedavg", 0.0, 2, 0.70), result("fedavg", 0.0, 3, 0.75),
+               result("ssfl", 0.9, 1, 0.78), result("ssfl", 0.9, 2, 0.69), result("ssfl", 0.9, 3, 0.72),
+               result("ssfl", 0.9, 1, 0.775, "int8"), result("ssfl", 0.9, 2, 0.695, "int8"),
+               result("magnitude", 0.9, 2, 0.66), result("magnitude", 0.9, 3, 0.74)]
+    lines = module.paired_table(results).splitlines()
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert set(by_name) == {"ssfl 0.9 − fedavg", "magnitude 0.9 − fedavg", "ssfl 0.9 int8 − ssfl 0.9",
+                            "ssfl 0.9 − magnitude 0.9"}
+    # ssfl - fedavg per seed: -2, -1, -3 points: mean -2, sd 1, half-width t(0.975, 2) / sqrt(3) = 2.48
+    assert by_name["ssfl 0.9 − fedavg"] == "| ssfl 0.9 − fedavg | -2.00 ± 2.48 | -2.00, -1.00, -3.00 | 3 (1,2,3) |"
+    # int8 - float32 on seeds 1, 2 only: -0.5, +0.5
+    assert "| +0.00 ± 6.35 | -0.50, +0.50 | 2 (1,2) |" in by_name["ssfl 0.9 int8 − ssfl 0.9"]
+    # ssfl - magnitude on seeds 2, 3: +3, -2
+    assert "| +0.50 ± " in by_name["ssfl 0.9 − magnitude 0.9"] and "2 (2,3)" in by_name["ssfl 0.9 − magnitude 0.9"]
