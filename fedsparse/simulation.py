@@ -161,6 +161,21 @@ def load_apps(app_dir: Path = APP_DIR, client_app: str = DEFAULT_CLIENT_APP) -> 
     return server, client
 
 
+def ray_init_args(ray_cpus: int | None) -> dict[str, Any]:
+    """What Flower's Ray backend passes to `ray.init` (it calls it only when Ray is not initialised yet).
+
+    With `RAY_ADDRESS` set (e.g. to "auto" or "HEAD_IP:6379" after `ray start --head` / `ray start --address`),
+    ray.init attaches to that cluster, and the actor pool spans every node's CPUs; Ray then refuses `num_cpus`
+    (the cluster's nodes declared their resources when they started), so none is passed and `ray_cpus` is ignored.
+    Without it, a local Ray instance of `ray_cpus` CPUs (default: all) starts for this run. An explicit local
+    instance ("address": "local") keeps a `ray start` cluster on this machine from being joined by accident."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return {"address": address, "logging_level": "error"}
+    return {"address": "local", "num_cpus": ray_cpus or os.cpu_count() or 1, "include_dashboard": False,
+            "logging_level": "error"}
+
+
 def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None,
              client_app: str = DEFAULT_CLIENT_APP) -> None:
     """Run one simulation with `cfg` (already resolved) on a local Ray cluster; raises if the run fails.
@@ -188,8 +203,7 @@ def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None,
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
     backend_config = {
         "client_resources": {"num_cpus": cfg["client-num-cpus"], "num_gpus": cfg["client-num-gpus"]},
-        "init_args": {"num_cpus": ray_cpus or os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": "error"},
+        "init_args": ray_init_args(ray_cpus),
     }
     _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client, server_app=server_app, backend_config=backend_config,
