@@ -144,7 +144,8 @@ def test_del_over_several_holders_selects_alpha_in_whole_channels_and_freezes_th
     for name, selected in mask.items():  # outside the mask and the head: bit-identical through the phase
         keep = selected | head.get(name, torch.zeros_like(selected))
         assert torch.equal(final[name][~keep], trained[name][~keep]), name
-        assert bool((final[name][selected] != trained[name][selected]).any()), name if selected.any() else None
+        if selected.any():  # reset to a fresh initialisation (and trained): the selected entries moved
+            assert bool((final[name][selected] != trained[name][selected]).any()), name
     assert sum(1 for kind, _ in grid.delivered if kind == FREEZE_MESSAGE) == cfg["num-clients"]
     assert sum(1 for kind, _ in grid.delivered if kind == TRAIN_MESSAGE) == 2 * cfg["num-clients"]
     up = summary["unlearn_exchange_bytes"][SCORES_MESSAGE]["up"]
