@@ -12,6 +12,7 @@ malformed score reply is rejected and logged and the others are used; none usabl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -25,6 +26,7 @@ from client.unlearning import (
     MASK_MESSAGE,
     SCORES_MESSAGE,
     TRAIN_MESSAGE,
+    ScoreShare,
     client_parts,
     mask_from_score_shares,
     unit_shapes,
@@ -75,6 +77,18 @@ def test_weighted_mean_scores_on_a_hand_computed_case():
         weighted_mean_scores([(first, 0.0)])
     with pytest.raises(ValueError, match="same parameters"):
         weighted_mean_scores([(first, 1.0), ({"w": second["w"]}, 1.0)])
+
+
+def test_the_combined_mask_weighs_each_clients_scores_by_its_forget_examples():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))  # 0.weight [2, 3] (2 channels), 0.bias [2]: 8 parameters
+    many = ScoreShare({"0.weight": torch.tensor([1.0, 0.0]), "0.bias": torch.zeros(2)}, num_examples=5)
+    few = ScoreShare({"0.weight": torch.tensor([0.0, 3.0]), "0.bias": torch.zeros(2)}, num_examples=1)
+    # weighted: channel 0 scores 5/6, channel 1 3/6 -> the top quarter (2 entries) takes channel 0 whole;
+    # an unweighted mean (1/2 vs 3/2) would take channel 1
+    mask = mask_from_score_shares([many, few], model, 0.25)
+    assert mask["0.weight"].tolist() == [[True] * 3, [False] * 3] and not mask["0.bias"].any()
+    mask = mask_from_score_shares([dataclasses.replace(many, num_examples=1), few], model, 0.25)
+    assert mask["0.weight"].tolist() == [[False] * 3, [True] * 3]
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
