@@ -6,6 +6,10 @@ message of its type arrives (`HANDLERS` imports it on the first lookup). In depl
 unlearning, with scikit-learn and scipy behind them) for every message cost seconds; importing this module imports
 `client.handlers` (torch, flwr, our training code) and nothing of the experiments.
 
+The run config reaches a handler resolved (`client_config`): the node's first message resolves it with
+`fedsparse.config.resolve` and records it on the node's disk; later messages read the record back instead of
+importing the server's registries, which `resolve` checks names against.
+
 Around every handler the node's Context.state is kept on its disk (`client.state`), so that a resumed run
 restores it: `restore_state` before, `record_state` after a handler that succeeded.
 

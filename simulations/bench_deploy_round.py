@@ -4,12 +4,13 @@
 
 Three parts, all on the README's setting (SSFL at 90% sparsity on digits, 3 clients, 1 local epoch):
 
-1. One ClientApp message's pieces, each in a fresh interpreter as `flwr-clientapp` starts one per message:
-   interpreter start, importing Flower's ClientApp API, torch, our ClientApp, then building the model and getting
-   the client's partition (cold: no prepared partition on disk; warm: memory-mapped from
-   `fedsparse.partition_cache`, as every message after a node's first).
-2. Training alone: the local epoch of each client in this process (warm, one thread), the slowest client and the
-   sum.
+1. One ClientApp message's pieces in CPU seconds (wall seconds on a shared machine measure the other jobs), each
+   in a fresh interpreter as `flwr-clientapp` starts one per message: interpreter start, importing Flower's
+   ClientApp API, torch, our ClientApp; then resolving the run config, building the model and getting the client's
+   partition (cold: the node's first message, nothing prepared on disk; warm: every later message, the config
+   record read back and the partition memory-mapped from `fedsparse.partition_cache`).
+2. Training alone: the local epoch of each client in this process (warm, one thread, CPU seconds), the slowest
+   client and the sum.
 3. The deployment (`fedsparse.local_deployment.LocalDeployment`: TLS, node authentication, process isolation) and
    in it one run of our ClientApp, one of the floor (`simulations/floor_clientapp.py`: train messages answered with
    a zero update, importing flwr and numpy only) and, with `--before DIR` (a checkout of older code), one of that
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,6 +42,7 @@ IMPORT_STEPS = {
     "interpreter start": "pass",
     "import flwr ClientApp API": "import flwr.app, flwr.clientapp",
     "import torch": "import torch",
+    "import torch._dynamo": "import torch, torch._dynamo",  # what torch.optim's first step() imports
     "import our ClientApp": "import client.client_app",
 }
 # One message's own work after the imports, in a fresh interpreter: the model and the client's partition.
@@ -47,29 +50,36 @@ MESSAGE_SCRIPT = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-t0 = time.perf_counter()
+t0 = time.process_time()
 import client.client_app
 from client.handlers import local_data, model_and_layout
-from fedsparse.config import resolve
-t1 = time.perf_counter()
-cfg = resolve({"strategy": "ssfl", "dataset": "digits", "num-clients": 3, "output-dir": sys.argv[1]})
+try:  # what the ClientApp resolves its run config with (older code: resolve, every message)
+    from client.client_app import client_config as configure
+except ImportError:
+    from fedsparse.config import resolve as configure
+t1 = time.process_time()
+cfg = configure({"strategy": "ssfl", "dataset": "digits", "num-clients": 3, "output-dir": sys.argv[1]})
+t2 = time.process_time()
 model_and_layout(cfg)
-t2 = time.perf_counter()
+t3 = time.process_time()
 x, y = local_data(cfg, 0)
-t3 = time.perf_counter()
-print(json.dumps({"imports": t1 - t0, "model": t2 - t1, "data": t3 - t2, "examples": len(x)}))
+t4 = time.process_time()
+print(json.dumps({"imports": t1 - t0, "config": t2 - t1, "model": t3 - t2, "data": t4 - t3, "examples": len(x)}))
 """
 
 
 @dataclass(frozen=True)
 class Pieces:
-    """Seconds of one ClientApp message's pieces (fresh interpreters)."""
+    """CPU seconds of one ClientApp message's pieces (fresh interpreters)."""
 
     interpreter: float
     flwr: float  # importing flwr.app + flwr.clientapp, beyond the interpreter start
     torch: float  # importing torch, beyond the interpreter start
+    dynamo: float  # importing torch._dynamo beyond torch: every torch.optim step() imports it
     our_app: float  # importing client.client_app, beyond the interpreter start (includes flwr and torch)
-    model: float  # building the model (first message of a process)
+    config_cold: float  # resolving the run config, the node's first message
+    config_warm: float  # the same in a later message
+    model: float  # building the model (first message of a process; dataset shape prepared)
     data_cold: float  # the client's partition with nothing prepared on disk
     data_warm: float  # the same with its partition prepared (later messages)
 
@@ -81,14 +91,19 @@ def _env(code_dir: Path, cache: Path) -> dict[str, str]:
     return env
 
 
-def _wall(code: str, code_dir: Path, cache: Path, repeats: int) -> float:
-    """Median wall seconds of `python -c code` in `code_dir`."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu(code: str, code_dir: Path, cache: Path, repeats: int) -> float:
+    """Median CPU seconds (user + system) of `python -c code` in `code_dir`."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _children_cpu()
         subprocess.run([sys.executable, "-c", code], cwd=code_dir, env=_env(code_dir, cache), check=True,
                        stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
+        times.append(_children_cpu() - start)
     return statistics.median(times)
 
 
@@ -102,18 +117,20 @@ def measure_pieces(code_dir: Path, repeats: int = 3) -> Pieces:
     """One message's pieces for the code in `code_dir` (this checkout or `--before`)."""
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         cache, output = Path(tmp) / "cache", Path(tmp) / "out"
-        walls = {name: _wall(code, code_dir, cache, repeats) for name, code in IMPORT_STEPS.items()}
+        cpu = {name: _cpu(code, code_dir, cache, repeats) for name, code in IMPORT_STEPS.items()}
         cold = _message(code_dir, cache, output)  # writes what later messages find prepared
         warm = [_message(code_dir, cache, output) for _ in range(repeats)]
-    start = walls["interpreter start"]
-    return Pieces(interpreter=start, flwr=walls["import flwr ClientApp API"] - start,
-                  torch=walls["import torch"] - start, our_app=walls["import our ClientApp"] - start,
+    start = cpu["interpreter start"]
+    return Pieces(interpreter=start, flwr=cpu["import flwr ClientApp API"] - start,
+                  torch=cpu["import torch"] - start, dynamo=cpu["import torch._dynamo"] - cpu["import torch"],
+                  our_app=cpu["import our ClientApp"] - start,
+                  config_cold=cold["config"], config_warm=statistics.median(w["config"] for w in warm),
                   model=statistics.median(w["model"] for w in warm), data_cold=cold["data"],
                   data_warm=statistics.median(w["data"] for w in warm))
 
 
 def training_seconds(num_clients: int = 3) -> list[float]:
-    """Seconds of each client's local epoch, in this process with one thread (warm: data and model ready)."""
+    """CPU seconds of each client's local epoch, in this process with one thread (warm: data and model ready)."""
     import torch
 
     from client.handlers import local_data, model_and_layout
@@ -131,9 +148,9 @@ def training_seconds(num_clients: int = 3) -> list[float]:
         for partition in range(num_clients):
             x, y = local_data(cfg, partition)
             train_local(net, x, y, settings, seed=partition)  # warm-up: first-call costs are not training
-            start = time.perf_counter()
+            start = time.process_time()
             train_local(net, x, y, settings, seed=partition)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(time.process_time() - start)
     return seconds
 
 
@@ -187,7 +204,8 @@ def main() -> None:
     codes = {"ours": ROOT, **({"before": args.before.resolve()} if args.before else {})}
     pieces = {name: measure_pieces(code, args.repeats) for name, code in codes.items()}
     for name, p in pieces.items():
-        print(f"[{name}] one message: " + ", ".join(f"{k} {v:.2f} s" for k, v in asdict(p).items()), flush=True)
+        print(f"[{name}] one message, CPU: " + ", ".join(f"{k} {v:.2f} s" for k, v in asdict(p).items()),
+              flush=True)
     train = training_seconds()
     print(f"training: {', '.join(f'{s:.2f}' for s in train)} s per client (slowest {max(train):.2f}, "
           f"sum {sum(train):.2f})", flush=True)
