@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +178,34 @@ def ray_init_args(ray_cpus: int | None) -> dict[str, Any]:
             "logging_level": "error"}
 
 
+@contextmanager
+def app_config_parsed_once() -> Iterator[None]:
+    """While active, Flower's simulation engine parses the app's pyproject.toml once per run instead of once per
+    virtual node.
+
+    The engine registers every virtual node's context with `DeprecatedRunInfoStore.register_context`, which calls
+    `get_fused_config_from_dir(app_dir, override_config)`: a TOML parse of pyproject.toml per node (4.5 ms each
+    here, so 45 s of start-up for 10,000 clients). The result depends only on the two arguments, so it is cached
+    on them and every node gets its own shallow copy (a run config's values are scalars); the original function is
+    restored on exit."""
+    from flwr.compat.client import run_info_store
+
+    original = run_info_store.get_fused_config_from_dir
+    parsed: dict[tuple[str, str], dict] = {}
+
+    def fused_once(app_path: Path, override_config: dict) -> dict:
+        key = (str(Path(app_path).resolve()), repr(sorted(override_config.items())))
+        if key not in parsed:
+            parsed[key] = original(app_path, override_config)
+        return dict(parsed[key])
+
+    run_info_store.get_fused_config_from_dir = fused_once
+    try:
+        yield
+    finally:
+        run_info_store.get_fused_config_from_dir = original
+
+
 def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None,
              client_app: str = DEFAULT_CLIENT_APP) -> None:
     """Run one simulation with `cfg` (already resolved) on a local Ray cluster; raises if the run fails.
@@ -205,8 +235,9 @@ def simulate(cfg: dict, app_dir: Path = APP_DIR, ray_cpus: int | None = None,
         "client_resources": {"num_cpus": cfg["client-num-cpus"], "num_gpus": cfg["client-num-gpus"]},
         "init_args": ray_init_args(ray_cpus),
     }
-    _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client, server_app=server_app, backend_config=backend_config,
-                    server_app_context=context,
-                    app_dir=str(app_dir), run=run, is_app=True)
+    with app_config_parsed_once():
+        _run_simulation(num_supernodes=cfg["num-clients"], exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                        client_app=client, server_app=server_app, backend_config=backend_config,
+                        server_app_context=context,
+                        app_dir=str(app_dir), run=run, is_app=True)
 
