@@ -241,9 +241,33 @@ def paired_table(results: list[RunResult]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def plot(results: list[RunResult], path: Path, title: str) -> None:
+SERIES_COLORS = {("fedavg", DEFAULT_DTYPE): "black", ("ssfl", DEFAULT_DTYPE): "tab:blue",
+                 ("magnitude", DEFAULT_DTYPE): "tab:orange", ("random", DEFAULT_DTYPE): "tab:green",
+                 ("ssfl", "int8"): "tab:purple", ("ssfl", "float16"): "tab:cyan"}
+
+
+def series_color(strategy: str, value_dtype: str) -> str | None:
+    """The same colour for a strategy and dtype in every panel (None: matplotlib's next colour)."""
+    return SERIES_COLORS.get((strategy, value_dtype))
+
+
+def curves(out: Path, results: list[RunResult]) -> dict[Cell, dict[int, list[float]]]:
+    """Per cell: {evaluated round (up to the runs' `rounds`): the seeds' test accuracies in %}."""
+    from fedsparse.results import read_rounds
+
+    found: dict[Cell, dict[int, list[float]]] = {}
+    for result in results:
+        for row in read_rounds(out / result.cell.folder(result.seed) / "rounds.csv")[: result.rounds]:
+            if math.isfinite(float(row["test_accuracy"])):
+                found.setdefault(result.cell, {}).setdefault(int(row["round"]), []).append(
+                    100 * float(row["test_accuracy"]))
+    return found
+
+
+def plot(results: list[RunResult], path: Path, title: str, out: Path | None = None) -> None:
     """Final accuracy (mean, 95% t-interval error bars) against sparsity and against total MB, one line per
-    strategy and dtype; dense fedavg as a band (its interval) and a star."""
+    strategy and dtype; dense fedavg as a band (its interval) and a star. With `out` (the run folders), a third
+    panel: accuracy at every evaluated round, mean and 95% interval per cell."""
     import matplotlib
     import matplotlib.ticker
 
@@ -251,7 +275,19 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = by_cell(results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if out is not None else 2, figsize=(16.5 if out is not None else 11, 4.2))
+    ax1, ax2 = axes[0], axes[1]
+    if out is not None:
+        for cell, per_round in curves(out, results).items():
+            rounds = sorted(per_round)
+            got = [t_interval(per_round[r]) for r in rounds]
+            axes[2].errorbar(rounds, [g.mean for g in got], yerr=[g.half_width for g in got], marker=".",
+                             capsize=2, label=f"{cell.label} (n={max(g.n for g in got)})",
+                             color=series_color(cell.strategy, cell.value_dtype))
+        axes[2].set_xlabel("round")
+        axes[2].set_ylabel("test accuracy (%), mean ± 95% CI")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
     series: dict[tuple[str, str], list[Cell]] = {}
     for cell in groups:
         if cell.strategy != "fedavg":
@@ -261,10 +297,11 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
         acc = [t_interval([100 * r.final_accuracy for r in groups[c]]) for c in cells]
         mbs = [statistics.fmean(r.total_mb for r in groups[c]) for c in cells]
         sparsities = [c.sparsity for c in cells]
-        shown = ax1.errorbar(sparsities, [a.mean for a in acc], yerr=[a.half_width for a in acc], marker="o",
-                             capsize=3, label=label)
+        color = series_color(strategy, dtype)
+        ax1.errorbar(sparsities, [a.mean for a in acc], yerr=[a.half_width for a in acc], marker="o",
+                     capsize=3, label=label, color=color)
         ax2.errorbar(mbs, [a.mean for a in acc], yerr=[a.half_width for a in acc], marker="o", capsize=3,
-                     label=label, color=shown.lines[0].get_color())
+                     label=label, color=color)
     dense = groups.get(Cell("fedavg"))
     if dense:
         acc = t_interval([100 * r.final_accuracy for r in dense])
@@ -276,7 +313,7 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
     ax2.set_xlabel("total MB on the wire (rounds + one-off)")
     ax2.set_xscale("log")
     ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax2.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (ax1, ax2):
         ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
         ax.grid(alpha=0.3)
@@ -333,7 +370,7 @@ def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
     if densities:
         md += "\n\nKept fraction of each masked tensor (mean over seeds):\n\n" + densities
     (out / "sweep.md").write_text(md + "\n")
-    plot(results, out / "sweep.png", title)
+    plot(results, out / "sweep.png", title, out)
     return md
 
 
