@@ -11,7 +11,8 @@ and three small runs on `digits`:
   only node whose processes carry FEDSPARSE_TEST_FAULT) sends malformed sparse replies, and supernode-3 is
   SIGKILLed after round 1 and started again with the same key and partition: it must train again in a later
   round (the server re-installs the mask it lost).
-Every message in a deployment starts a ClientApp process (about 5 CPU seconds), a node that does not answer costs
+Every message in a deployment starts a ClientApp process (about 4 CPU seconds for a train message, most of it
+torch's imports; the README's "Measured: local deployment against simulation"), a node that does not answer costs
 at most one round-timeout (ROUND_TIMEOUT_FAULTY), and the restarted node waits until the SuperLink has marked it
 offline (about a minute). The SuperLink, its SuperExec (ServerApp), the edge proxy and the SuperNodes run above the
 ClientApps' priority (`fedsparse.local_deployment.Priorities`), so that a busy machine cannot starve the ServerApp
@@ -19,7 +20,8 @@ past Flower's 60 s task heartbeat. Measured after the split of deploy.py: 11 min
 cores kept at load 11-15 by other jobs (start 33 s, clean run 230 s, faulty run 400 s with 8 rounds). In that
 faulty run supernode-3, killed after round 1, was unavailable in rounds 2-3, reported its lost mask in round 4
 (the server then re-installed it) and was aggregated again from round 5 on (clients per round 2, 1, 1, 1, 2, 2, 2,
-2).
+2). After the ClientApp's start-up cuts (issue 13 §3): 9 min 54 s for `-m deployment` at load 8-10 (11 min 57 s
+for the code before them in the same hour, at load 11-15).
 """
 
 from __future__ import annotations
