@@ -341,8 +341,8 @@ def rebuilt_initial_model(cfg: dict, server_fingerprint: str) -> tuple[torch.nn.
     """The run's seeded initial model built here, as the server built it, with its layout; InitMismatch if its
     state's fingerprint is not `server_fingerprint` (the server then sends the model)."""
     net, layout = model_and_layout(cfg)
-    ds = load_dataset(cfg["dataset"], cfg["data-root"])
-    net.load_state_dict(build_model(cfg["model"], ds.input_shape, ds.num_classes, seed=cfg["seed"]).state_dict())
+    shape = dataset_shape(cfg)
+    net.load_state_dict(build_model(cfg["model"], shape.input_shape, shape.num_classes, seed=cfg["seed"]).state_dict())
     mine = sparse.state_fingerprint(net.state_dict())
     if mine != server_fingerprint:
         raise InitMismatch(f"the initial model rebuilt from seed {cfg['seed']} has fingerprint {mine}, the server's "
