@@ -188,6 +188,8 @@ def info_reply_bytes() -> int:
 MODEL_SCRIPT = """
 import json, resource, sys, time, torch
 torch.set_num_threads(1)
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # messages outside a running app
 from fedsparse.config import resolve
 from server.local_grid import LocalGrid
 from server.loop import run_federation
@@ -262,12 +264,15 @@ def plot(runs: list[ScaleRun], path: Path) -> None:
             if not mine:
                 continue
             label = f"{partitioner}, {discovery}"
-            xs = [r.clients for r in mine]
-            left.plot(xs, [r.startup_s for r in mine], "o-", label=f"start-up ({label})")
-            left.plot(xs, [sum(r.round_s) / len(r.round_s) for r in mine], "s--", label=f"mean round ({label})")
-            right.plot(xs, [r.peak_pss_mb / 1024 for r in mine], "o-", label=label)
+            xs = [r.clients for r in mine]  # repeated runs at one count are separate points
+            left.plot(xs, [r.startup_s for r in mine], "o", label=f"start-up ({label})")
+            left.plot(xs, [r.first_round_done_s for r in mine], "^", label=f"end of round 1 ({label})")
+            left.plot(xs, [sum(r.round_s[1:]) / max(1, len(r.round_s) - 1) for r in mine], "s",
+                      label=f"rounds 2-3, mean ({label})")
+            right.plot(xs, [r.peak_pss_mb / 1024 for r in mine], "o", label=label)
     for axis, ylabel in ((left, "seconds"), (right, "peak PSS of the process tree (GiB)")):
         axis.set_xscale("log")
+        axis.set_ylim(bottom=0)
         axis.set_xlabel("virtual clients (10 per round)")
         axis.set_ylabel(ylabel)
         axis.legend(fontsize=7)
@@ -292,11 +297,12 @@ def parse_run(text: str) -> tuple[int, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="CLIENTS:PARTITIONER[:DISCOVERY]",
+    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, metavar="CLIENTS:PARTITIONER[:DISCOVERY]",
                         help="the runs, in this order (discovery: auto, the default, or all, the old behaviour)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     parser.add_argument("--widths", type=int, nargs="*", default=[1, 8, 16, 24], help="mlp widths (model memory)")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in OUT/scale.json (repeats)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plan = [parse_run(text) for text in args.runs]
     runs: list[ScaleRun] = []
+    if args.append and (args.out / "scale.json").exists():
+        runs = [ScaleRun(**r) for r in json.loads((args.out / "scale.json").read_text())["runs"]]
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
         for clients, partitioner, discovery in plan:
