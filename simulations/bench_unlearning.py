@@ -133,6 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unlearn-retain", type=int, default=2_500, help="retain images per unlearning run")
     parser.add_argument("--unlearn-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="data draws")
+    parser.add_argument("--device", default="cpu", help="torch device of every training and unlearning run "
+                        "(cpu, cuda, ...; cpu runs use one thread)")
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = DEFAULT_MODEL[args.dataset]
@@ -185,7 +187,7 @@ def make_split(kind: str, train: ArrayData, test: ArrayData, args: argparse.Name
 def training_config(args: argparse.Namespace, seed: int) -> UnlearnConfig:
     """The recipe of the original and the retrained models."""
     return UnlearnConfig(retrain_epochs=args.train_epochs, retrain_lr=args.train_lr, momentum=0.9, batch_size=64,
-                         seed=seed)
+                         seed=seed, device=args.device)
 
 
 def score_model(model: torch.nn.Module, original: torch.nn.Module, split: Split, seconds: float) -> tuple[RunMetrics,
@@ -212,7 +214,7 @@ def run_models(method: str, original: torch.nn.Module, split: Split, args: argpa
         if method == "retrain":
             cfg, retain = training_config(args, seed=run), split.retain
         else:
-            cfg = dataclasses.replace(UnlearnConfig(epochs=args.unlearn_epochs, seed=run),
+            cfg = dataclasses.replace(UnlearnConfig(epochs=args.unlearn_epochs, seed=run, device=args.device),
                                       **METHOD_SETTINGS.get(method, {}))
             budget = min(args.unlearn_retain, len(split.retain))
             draw = np.random.default_rng(1_000 + run).choice(len(split.retain), budget, replace=False)
