@@ -267,6 +267,22 @@ class FreezeOutsideMask:
             p.copy_(torch.where(keep, p, self.frozen[name].to(p.device)))
 
 
+def forget_share(content: RecordDict, cfg: dict, partition_id: int) -> tuple[torch.nn.Module, ScoreShare]:
+    """The message's model (on the CPU) and DEL's unit scores of it on this client's forget part, with the number
+    of forget examples; ValueError when this client holds no forget example."""
+    net, _ = model_and_layout(cfg)
+    net.load_state_dict(content["model"].to_torch_state_dict())
+    x, y = local_data(cfg, partition_id)
+    _, forget = client_parts(cfg, partition_id, x, y)
+    if not len(forget):
+        raise ValueError(f"partition {partition_id} holds no example of the forget set: nothing to localize")
+    device = pick_device(cfg["device"])
+    net.to(device)
+    scores = del_scores(net, forget, UnlearnConfig(batch_size=cfg["batch-size"], device=str(device)))
+    net.cpu()
+    return net, ScoreShare(scores, len(forget))
+
+
 # ------------------------------------------------------------------------------------------------ handlers
 
 
@@ -274,44 +290,22 @@ class FreezeOutsideMask:
 def unlearn_mask(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """The client holding the forget set: DEL's localization mask of the received model on its forget part, as
     packed bits; ValueError when this client holds no forget example."""
-    net, _ = model_and_layout(cfg)
-    net.load_state_dict(content["model"].to_torch_state_dict())
-    config = content["config"]
-    x, y = local_data(cfg, partition_id)
-    _, forget = client_parts(cfg, partition_id, x, y)
-    if not len(forget):
-        raise ValueError(f"partition {partition_id} holds no example of the forget set: nothing to localize")
-    device = pick_device(cfg["device"])
-    net.to(device)
-    settings = UnlearnConfig(batch_size=cfg["batch-size"], device=str(device))
-    mask = mask_from_score_shares([ScoreShare(del_scores(net, forget, settings), len(forget))], net,
-                                  float(config["alpha"]))
-    net.cpu()
+    net, share = forget_share(content, cfg, partition_id)
+    mask = mask_from_score_shares([share], net, float(content["config"]["alpha"]))
     bits = pack_parameter_mask(mask, net)
     return RecordDict({"mask": ArrayRecord({"bits": Array(bits)}),
                        "metrics": MetricRecord({"selected": int(sum(int(m.sum()) for m in mask.values())),
-                                                "num-examples": len(forget), "partition-id": partition_id})})
+                                                "num-examples": share.num_examples, "partition-id": partition_id})})
 
 
 @handler(SCORES_MESSAGE)
 def unlearn_scores(content: RecordDict, state: RecordDict, cfg: dict, partition_id: int) -> RecordDict:
     """A client holding forget examples: DEL's unit scores of the received model on its forget part, flat, in the
     config's `score-dtype`, with the number of forget examples; ValueError when it holds none."""
-    net, _ = model_and_layout(cfg)
-    net.load_state_dict(content["model"].to_torch_state_dict())
-    config = content["config"]
-    x, y = local_data(cfg, partition_id)
-    _, forget = client_parts(cfg, partition_id, x, y)
-    if not len(forget):
-        raise ValueError(f"partition {partition_id} holds no example of the forget set: nothing to score")
-    device = pick_device(cfg["device"])
-    net.to(device)
-    settings = UnlearnConfig(batch_size=cfg["batch-size"], device=str(device))
-    scores = del_scores(net, forget, settings)
-    net.cpu()
-    flat = flatten_unit_scores(scores, net, str(config.get("score-dtype", "float32")))
+    net, share = forget_share(content, cfg, partition_id)
+    flat = flatten_unit_scores(share.scores, net, str(content["config"].get("score-dtype", "float32")))
     return RecordDict({"scores": ArrayRecord({"scores": Array(flat)}),
-                       "metrics": MetricRecord({"num-examples": len(forget), "partition-id": partition_id})})
+                       "metrics": MetricRecord({"num-examples": share.num_examples, "partition-id": partition_id})})
 
 
 @handler(FREEZE_MESSAGE)

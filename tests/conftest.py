@@ -44,6 +44,19 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
+def load_script(name: str):
+    """A script of `simulations/` as a module, loaded once (`simulations/` is not a package; its scripts have no
+    import-time side effects)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def reply_to(content, node_id: int, message_type: str = "train"):
     """A reply from `node_id` carrying `content`, as the grid would hand it to the strategy."""
     from flwr.app import Message, RecordDict

@@ -5,12 +5,12 @@ set whose sd columns are the sample sd (ddof 1) of the per-run rows. Runs: sklea
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["del", "finetune", "gradient_ascent", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub"]
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bench():
-    name = "bench_unlearning"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("bench_unlearning")
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -4,14 +4,14 @@ runs, and the tables. Runs: the offline `digits` dataset, an MLP, 3 in-process c
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = {"experiment": "unlearn", "dataset": "digits", "model": "mlp", "num-clients": 3, "partitioner": "iid",
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "task_identity")
 
 
 def _bench():
-    name = "bench_unlearning_federated"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("bench_unlearning_federated")
 
 
 def _overrides(method: str) -> dict:

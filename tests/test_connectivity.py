@@ -4,9 +4,6 @@ bit), permutation specs and weight matching on widened models, and the IMP of `s
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,20 +11,13 @@ from torch import nn
 
 from fedsparse.alignment import apply_permutation, permutation_spec, random_permutation, weight_matching
 from fedsparse.models import build_model
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_bench():
-    """The benchmark script as a module (it has no import-time side effects)."""
-    name = "bench_connectivity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / "bench_connectivity.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("bench_connectivity")
 
 
 def original_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

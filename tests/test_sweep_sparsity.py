@@ -4,13 +4,13 @@ in-process sweep on `digits` whose files (csv, table with intervals, per-layer m
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,14 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "task_identity")
 
 
 def sweep():
-    """The script as a module (simulations/ is not a package)."""
-    name = "sweep_sparsity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "simulations" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("sweep_sparsity")
 
 
 def test_cells_parse_and_refuse_by_name():
