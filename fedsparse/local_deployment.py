@@ -119,6 +119,26 @@ class Priorities:
         return cls(server=0, clients=CLIENT_NICENESS_FALLBACK)
 
 
+def app_with_clientapp(source: Path, dest: Path, clientapp: str, module_file: str) -> Path:
+    """A copy of the Flower app at `source` (its `client/`, `server/` and pyproject.toml) in `dest` whose ClientApp
+    component is `clientapp` ("package.module:app"), with `module_file` (relative to `source`) copied beside;
+    for deployments that run another ClientApp against the real ServerApp (the fault-injection app of the tests,
+    the do-nothing floor of the round benchmark). ValueError if pyproject.toml has not exactly one clientapp line."""
+    import re
+    import shutil
+
+    pyproject = (source / "pyproject.toml").read_text()
+    component = re.compile(r'^clientapp = ".*"$', re.MULTILINE)
+    if len(component.findall(pyproject)) != 1:
+        raise ValueError(f"{source / 'pyproject.toml'}: expected one clientapp component")
+    for folder in ("client", "server"):
+        shutil.copytree(source / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / module_file).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / module_file, dest / module_file)
+    (dest / "pyproject.toml").write_text(component.sub(f'clientapp = "{clientapp}"', pyproject))
+    return dest
+
+
 def _print(msg: str) -> None:
     print(f"[deploy] {msg}", file=sys.stderr, flush=True)
 

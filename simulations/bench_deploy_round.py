@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -156,16 +154,9 @@ def training_seconds(num_clients: int = 3) -> list[float]:
 
 def floor_app(dest: Path) -> Path:
     """A copy of the Flower app whose ClientApp is the floor (`simulations/floor_clientapp.py`)."""
-    for folder in ("client", "server"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / "simulations").mkdir()
-    shutil.copy2(ROOT / "simulations" / "floor_clientapp.py", dest / "simulations" / "floor_clientapp.py")
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    component = re.compile(r'^clientapp = ".*"$', re.MULTILINE)
-    if len(component.findall(pyproject)) != 1:
-        raise ValueError("pyproject.toml: expected one clientapp component")
-    (dest / "pyproject.toml").write_text(component.sub(f'clientapp = "{FLOOR_APP}"', pyproject))
-    return dest
+    from fedsparse.local_deployment import app_with_clientapp
+
+    return app_with_clientapp(ROOT, dest, FLOOR_APP, "simulations/floor_clientapp.py")
 
 
 def deployed_rounds(rounds: int, apps: dict[str, Path | None], workdir: Path) -> dict[str, list[float]]:

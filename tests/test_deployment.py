@@ -47,7 +47,14 @@ from fedsparse.config import flatten
 from fedsparse.deploy import compare_bytes, report
 from fedsparse.deploy_processes import niceness_of, spawn
 from fedsparse.flower_cli import FINISHED_OK, Connection, FlowerCli, write_run_config
-from fedsparse.local_deployment import CONNECTION, PUBLIC_CONNECTION, LocalDeployment, Priorities, SubmittedRun
+from fedsparse.local_deployment import (
+    CONNECTION,
+    PUBLIC_CONNECTION,
+    LocalDeployment,
+    Priorities,
+    SubmittedRun,
+    app_with_clientapp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.insecure.yml", "docker-compose.gpu.yml"]
@@ -222,15 +229,7 @@ def _fault_app(dest: Path) -> Path:
     """A copy of the Flower app whose ClientApp is `tests.faults:app` (our ClientApp inside the fault mod)."""
     if not (ROOT / "tests" / "faults.py").exists():
         pytest.skip("tests/faults.py (the fault-injection ClientApp) is missing")
-    for folder in ("client", "server"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / "tests").mkdir()
-    shutil.copy2(ROOT / "tests" / "faults.py", dest / "tests" / "faults.py")
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    component = re.compile(r'^clientapp = ".*"$', re.MULTILINE)
-    assert len(component.findall(pyproject)) == 1, "pyproject.toml: expected one clientapp component"
-    (dest / "pyproject.toml").write_text(component.sub('clientapp = "tests.faults:app"', pyproject))
-    return dest
+    return app_with_clientapp(ROOT, dest, "tests.faults:app", "tests/faults.py")
 
 
 @pytest.fixture(scope="module")
