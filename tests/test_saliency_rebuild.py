@@ -12,7 +12,7 @@ import torch
 
 import client.handlers
 from fedsparse import sparse, transport
-from fedsparse.config import resolve
+from fedsparse.config import ConfigError, resolve
 from fedsparse.models import build_model
 from server.local_grid import LocalGrid
 from server.loop import run_federation
@@ -82,5 +82,5 @@ def test_a_client_whose_rebuild_differs_is_sent_the_model(task_identity, tmp_pat
 
 
 def test_an_unknown_saliency_init_is_refused_naming_the_key():
-    with pytest.raises(Exception, match="saliency-init"):
+    with pytest.raises(ConfigError, match="saliency-init"):
         resolve({**SETTINGS, "sparse.saliency-init": "guess"})
