@@ -4,8 +4,9 @@ With masks, pruned weights stay exactly zero: their gradients are zeroed before 
 never builds up there), and the weights are multiplied by the mask after it (so weight decay, or any
 optimiser that moves a weight with zero gradient, cannot revive them).
 
-The optimiser comes from the registry `fedsparse.optim.OPTIMIZERS` (`TrainConfig.optimizer`, default "sgd", which
-is the same torch.optim.SGD call as before the registry existed: the SGD path is bit-identical).
+The optimiser comes from the registry `fedsparse.optim.OPTIMIZERS` (`TrainConfig.optimizer`, default "sgd":
+`fedsparse.optim.sgd.SGD`, which computes on CPU exactly what the torch.optim.SGD call before the registry did,
+without importing torch._dynamo: the SGD path is bit-identical).
 
 A client procedure may change two more things (the seams of `train_local`):
 - `objective(model, logits, targets) -> loss`: what is minimised (default `cross_entropy`; a continual method

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsparse.optim import OPTIMIZERS, TAM, AdaTAM, AdaTAMW, build_optimizer
+from fedsparse.optim import OPTIMIZERS, SGD, TAM, AdaTAM, AdaTAMW, build_optimizer
 
 BETA = 0.9
 
@@ -252,7 +252,7 @@ def test_registry_names_and_builders():
     assert set(OPTIMIZERS) == {"sgd", "adam", "tam", "adatam", "adatamw"}
     params = [nn.Parameter(torch.zeros(2))]
     sgd = build_optimizer("sgd", params, lr=0.05, momentum=0.9, weight_decay=1e-4)
-    assert type(sgd) is torch.optim.SGD
+    assert type(sgd) is SGD
     assert (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.05, 0.9, 1e-4)
     assert build_optimizer("adam", params, lr=1e-3, momentum=0.8, weight_decay=0.0).defaults["betas"] == (0.8, 0.999)
     tam = build_optimizer("tam", params, lr=0.1, momentum=0.7, weight_decay=0.0, cosine="global")
