@@ -4,11 +4,12 @@
 
 Three parts, all on the README's setting (SSFL at 90% sparsity on digits, 3 clients, 1 local epoch):
 
-1. One ClientApp message's pieces in CPU seconds (wall seconds on a shared machine measure the other jobs), each
+1. One ClientApp train message's pieces in CPU seconds (wall seconds on a shared machine measure the other jobs), each
    in a fresh interpreter as `flwr-clientapp` starts one per message: interpreter start, importing Flower's
    ClientApp API, torch, our ClientApp; then resolving the run config, building the model and getting the client's
    partition (cold: the node's first message, nothing prepared on disk; warm: every later message, the config
-   record read back and the partition memory-mapped from `fedsparse.partition_cache`).
+   record read back and the partition memory-mapped from `fedsparse.partition_cache`), one local epoch (the first
+   of its process), the whole process of a warm train message, and whether it imported torch._dynamo.
 2. Training alone: the local epoch of each client in this process (warm, one thread, CPU seconds), the slowest
    client and the sum.
 3. The deployment (`fedsparse.local_deployment.LocalDeployment`: TLS, node authentication, process isolation) and
@@ -43,7 +44,8 @@ IMPORT_STEPS = {
     "import torch._dynamo": "import torch, torch._dynamo",  # what torch.optim's first step() imports
     "import our ClientApp": "import client.client_app",
 }
-# One message's own work after the imports, in a fresh interpreter: the model and the client's partition.
+# One train message's own work after the imports, in a fresh interpreter: the model, the client's partition and
+# one local epoch (its first optimiser step is where torch.optim imports torch._dynamo).
 MESSAGE_SCRIPT = """
 import json, sys, time
 import torch
@@ -51,6 +53,7 @@ torch.set_num_threads(1)
 t0 = time.process_time()
 import client.client_app
 from client.handlers import local_data, model_and_layout
+from fedsparse.train import TrainConfig, train_local
 try:  # what the ClientApp resolves its run config with (older code: resolve, every message)
     from client.client_app import client_config as configure
 except ImportError:
@@ -58,11 +61,16 @@ except ImportError:
 t1 = time.process_time()
 cfg = configure({"strategy": "ssfl", "dataset": "digits", "num-clients": 3, "output-dir": sys.argv[1]})
 t2 = time.process_time()
-model_and_layout(cfg)
+net, _ = model_and_layout(cfg)
 t3 = time.process_time()
 x, y = local_data(cfg, 0)
 t4 = time.process_time()
-print(json.dumps({"imports": t1 - t0, "config": t2 - t1, "model": t3 - t2, "data": t4 - t3, "examples": len(x)}))
+settings = TrainConfig(cfg["local-epochs"], cfg["batch-size"], cfg["lr"], cfg["momentum"], cfg["weight-decay"],
+                       cfg["grad-clip"], optimizer=cfg["optimizer"])
+train_local(net, x, y, settings, seed=0)
+t5 = time.process_time()
+print(json.dumps({"imports": t1 - t0, "config": t2 - t1, "model": t3 - t2, "data": t4 - t3, "train": t5 - t4,
+                  "examples": len(x), "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
@@ -80,6 +88,9 @@ class Pieces:
     model: float  # building the model (first message of a process; dataset shape prepared)
     data_cold: float  # the client's partition with nothing prepared on disk
     data_warm: float  # the same with its partition prepared (later messages)
+    train_first: float  # one local epoch, the first of the process (with whatever its first optimiser step imports)
+    message_warm: float  # the whole fresh process of a later train message: interpreter to end of training
+    dynamo_imported: bool  # whether a train message's process ends with torch._dynamo imported
 
 
 def _env(code_dir: Path, cache: Path) -> dict[str, str]:
@@ -106,9 +117,11 @@ def _cpu(code: str, code_dir: Path, cache: Path, repeats: int) -> float:
 
 
 def _message(code_dir: Path, cache: Path, output_dir: Path) -> dict[str, float]:
+    """One train message's pieces in a fresh interpreter, plus "process": that interpreter's CPU seconds."""
+    start = _children_cpu()
     out = subprocess.run([sys.executable, "-c", MESSAGE_SCRIPT, str(output_dir)], cwd=code_dir,
                          env=_env(code_dir, cache), check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "process": _children_cpu() - start}
 
 
 def measure_pieces(code_dir: Path, repeats: int = 3) -> Pieces:
@@ -124,7 +137,10 @@ def measure_pieces(code_dir: Path, repeats: int = 3) -> Pieces:
                   our_app=cpu["import our ClientApp"] - start,
                   config_cold=cold["config"], config_warm=statistics.median(w["config"] for w in warm),
                   model=statistics.median(w["model"] for w in warm), data_cold=cold["data"],
-                  data_warm=statistics.median(w["data"] for w in warm))
+                  data_warm=statistics.median(w["data"] for w in warm),
+                  train_first=statistics.median(w["train"] for w in warm),
+                  message_warm=statistics.median(w["process"] for w in warm),
+                  dynamo_imported=any(w["dynamo"] for w in [cold, *warm]))
 
 
 def training_seconds(num_clients: int = 3) -> list[float]:
@@ -195,7 +211,8 @@ def main() -> None:
     codes = {"ours": ROOT, **({"before": args.before.resolve()} if args.before else {})}
     pieces = {name: measure_pieces(code, args.repeats) for name, code in codes.items()}
     for name, p in pieces.items():
-        print(f"[{name}] one message, CPU: " + ", ".join(f"{k} {v:.2f} s" for k, v in asdict(p).items()),
+        print(f"[{name}] one message, CPU: " + ", ".join(f"{k} {v}" if isinstance(v, bool) else f"{k} {v:.2f} s"
+                                                         for k, v in asdict(p).items()),
               flush=True)
     train = training_seconds()
     print(f"training: {', '.join(f'{s:.2f}' for s in train)} s per client (slowest {max(train):.2f}, "
