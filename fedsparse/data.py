@@ -10,7 +10,10 @@ N examples is representative.
 
 Client partitions are cached on disk under a key made of the labels' hash, every partitioner argument,
 `SPLIT_VERSION` and the versions of flwr-datasets, datasets, numpy and pyarrow: a cache written by other code or
-other libraries is never read, so what a machine has left behind cannot decide a result.
+other libraries is never read, so what a machine has left behind cannot decide a result. A split is one int64 index
+array plus the clients' offsets in it (`PartitionTable`, stored as two npz members). flwr-datasets is the authority
+on every split: the iid one is computed with numpy and checked against flwr-datasets' own partitions on every draw
+(any difference: every partition is loaded through flwr-datasets); the others load every partition through it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,11 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JPEG_SUBSET_ORDER_SEED = 20240  # the fixed shuffle of the class-sorted CIFAR-10 JPEG subset
 # Bump whenever the way partitions are drawn changes (partitioner arguments, the index table, the sorting):
-# it is part of the on-disk cache key, so a cache left by older code is never read.
-SPLIT_VERSION = 2
+# it is part of the on-disk cache key, so a cache left by older code is never read. 3: the cache is one index array
+# plus the clients' offsets in it (`PartitionTable`), no longer one npz member per client.
+SPLIT_VERSION = 3
+IID_SPOT_CHECKS = 4  # partitions, besides the first and the last, that every iid draw checks against flwr-datasets
+IID_SPOT_CHECK_SEED = 1301  # seeds the choice of those partitions (with the number of clients)
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -303,7 +310,160 @@ def partition_code_key() -> tuple[str, ...]:
 
 
 def partition_cache_dir() -> Path:
+    """The folder of the on-disk partition cache: `$FEDSPARSE_CACHE/partitions`, else `~/.cache/fedsparse/...`."""
     return Path(os.environ.get("FEDSPARSE_CACHE", Path.home() / ".cache" / "fedsparse")) / "partitions"
+
+
+class SplitCacheDamaged(ValueError):
+    """A partition cache file that cannot be read as a `PartitionTable`; `reason` says what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"partition cache {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@dataclass(frozen=True)
+class PartitionTable:
+    """Every client's sorted training indices in one array: client i holds `indices[offsets[i]:offsets[i + 1]]`.
+
+    Invariants (checked on construction): both arrays are one-dimensional int64 and read-only; `offsets` has one
+    entry more than there are clients, starts at 0, never decreases and ends at `len(indices)`. `parts()` returns
+    views into `indices`, so the clients' arrays share one buffer and none can be written to.
+    """
+
+    indices: np.ndarray
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name, array in (("indices", self.indices), ("offsets", self.offsets)):
+            if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype != np.int64:
+                raise ValueError(f"{name} must be a one-dimensional int64 array")
+        if len(self.offsets) < 2 or self.offsets[0] != 0 or self.offsets[-1] != len(self.indices):
+            raise ValueError(f"offsets must run from 0 to len(indices) = {len(self.indices)} over at least one "
+                             f"client, got {len(self.offsets)} offsets")
+        if np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must never decrease")
+        self.indices.flags.writeable = False
+        self.offsets.flags.writeable = False
+
+    @property
+    def num_clients(self) -> int:
+        """How many clients the table splits the data over."""
+        return len(self.offsets) - 1
+
+    def part(self, client: int) -> np.ndarray:
+        """The indices of one client (a read-only view)."""
+        if not 0 <= client < self.num_clients:
+            raise ValueError(f"client {client} is not in 0..{self.num_clients - 1}")
+        return self.indices[self.offsets[client]:self.offsets[client + 1]]
+
+    def parts(self) -> tuple[np.ndarray, ...]:
+        """The indices of every client, in client order (read-only views)."""
+        bounds = self.offsets.tolist()
+        return tuple(self.indices[start:end] for start, end in pairwise(bounds))
+
+    @classmethod
+    def from_parts(cls, parts: list[np.ndarray] | tuple[np.ndarray, ...]) -> PartitionTable:
+        """The table of clients' index arrays (copied into one array, as int64)."""
+        if not parts:
+            raise ValueError("a partition table needs at least one client")
+        sizes = np.array([len(part) for part in parts], dtype=np.int64)
+        offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
+        return cls(np.concatenate([np.asarray(part, dtype=np.int64) for part in parts]), offsets)
+
+
+def write_split_cache(path: Path, table: PartitionTable) -> None:
+    """Store `table` at `path` as an npz of two members, `indices` and `offsets` (written whole, then renamed into
+    place, so a reader never sees half a file)."""
+    temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(temporary, indices=table.indices, offsets=table.offsets)
+    temporary.replace(path)
+
+
+def read_split_cache(path: Path, num_clients: int) -> PartitionTable:
+    """The table stored at `path` by `write_split_cache`; `SplitCacheDamaged` if the file is not one (an unreadable
+    file, other members, another number of clients, offsets that do not fit)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if sorted(stored.files) != ["indices", "offsets"]:
+                raise SplitCacheDamaged(path, f"members {sorted(stored.files)[:4]}, not ['indices', 'offsets']")
+            indices, offsets = stored["indices"], stored["offsets"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, SplitCacheDamaged):
+            raise
+        raise SplitCacheDamaged(path, f"unreadable: {err}") from err
+    if len(offsets) != num_clients + 1:
+        raise SplitCacheDamaged(path, f"{len(offsets) - 1} clients, expected {num_clients}")
+    try:
+        return PartitionTable(indices, offsets)
+    except ValueError as err:
+        raise SplitCacheDamaged(path, str(err)) from err
+
+
+def iid_table(num_examples: int, num_clients: int) -> PartitionTable:
+    """flwr-datasets' iid split computed with numpy: `IidPartitioner.load_partition(i)` is datasets'
+    `Dataset.shard(num_clients, i, contiguous=True)`, the rows `div * i + min(i, mod)` up to the next client's
+    start, where `div, mod = divmod(num_examples, num_clients)`; the rows are in index order, so each block is
+    already sorted. `partition_labels` checks it against flwr-datasets on every draw."""
+    if num_clients < 1 or num_examples < 0:
+        raise ValueError(f"need num_clients >= 1 and num_examples >= 0, got {num_clients} and {num_examples}")
+    div, mod = divmod(num_examples, num_clients)
+    clients = np.arange(num_clients + 1, dtype=np.int64)
+    return PartitionTable(np.arange(num_examples, dtype=np.int64), div * clients + np.minimum(clients, mod))
+
+
+def iid_spot_checks(num_clients: int) -> list[int]:
+    """The partitions an iid draw compares with flwr-datasets: the first, the last and `IID_SPOT_CHECKS` more
+    drawn by a generator seeded with the number of clients (the same ones on every machine)."""
+    rng = np.random.default_rng([IID_SPOT_CHECK_SEED, num_clients])
+    drawn = rng.choice(num_clients, size=min(num_clients, IID_SPOT_CHECKS), replace=False)
+    return sorted({0, num_clients - 1, *drawn.tolist()})
+
+
+def partition_column(part, column: str = "idx") -> np.ndarray:
+    """The values of `column` in the rows of `part` (a HuggingFace `datasets.Dataset`), read from its Arrow table.
+
+    A `select` keeps the parent's whole table plus an indices mapping (the rows it holds, in order); a contiguous
+    one slices the table (or the mapping). Reading the column and taking the mapped rows gives what iterating the
+    rows gives, without a Python object per row; should the library keep its rows some other way (the length then
+    differs), the partition is read through its public Arrow format instead.
+    """
+    values = part.data.column(column)
+    mapping = getattr(part, "_indices", None)
+    if mapping is not None:
+        values = values.take(mapping.column("indices"))
+    array = values.to_numpy()
+    if len(array) != len(part):
+        array = part.with_format("arrow")[:].column(column).to_numpy()
+    return array
+
+
+def _draw_partitions(labels: np.ndarray, kind: str, num_clients: int, seed: int, alpha: float,
+                     classes_per_client: int, shards_per_client: int) -> PartitionTable:
+    """Every client's sorted indices, as flwr-datasets' partitioner `kind` splits a table of (idx, label) rows.
+
+    iid is computed at once (`iid_table`) and kept only if the spot-checked partitions equal flwr-datasets'; every
+    other partitioner, and iid after a mismatch, loads each partition through flwr-datasets.
+    """
+    from datasets import Dataset as HFDataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client,
+                                   num_examples=len(labels))
+    partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+
+    def load(client: int) -> np.ndarray:
+        return np.sort(partition_column(partitioner.load_partition(client)).astype(np.int64, copy=False))
+
+    if kind == "iid":
+        table = iid_table(len(labels), num_clients)
+        mismatched = [i for i in iid_spot_checks(num_clients) if not np.array_equal(table.part(i), load(i))]
+        if not mismatched:
+            return table
+        log.warning("the iid split computed here differs from flwr-datasets' at partitions %s of %d: loading "
+                    "every partition through flwr-datasets instead", mismatched, num_clients)
+    return PartitionTable.from_parts([load(i) for i in range(num_clients)])
 
 
 @lru_cache(maxsize=8)
@@ -321,34 +481,33 @@ def partition_indices(labels_key: tuple, kind: str, num_clients: int, seed: int,
     return partition_labels(labels, name, kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
 
 
-def partition_labels(labels: np.ndarray, source: str, kind: str, num_clients: int, seed: int, alpha: float,
-                     classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
-    """Sorted indices into `labels` of every client, drawn by the flwr-datasets partitioner `kind` and cached on
-    disk under a key of the split code's version, the library versions, `source` (what the labels are of), a hash
-    of the labels and every setting: a cache written by other code or for other labels is never read."""
+def split_cache_path(labels: np.ndarray, source: str, kind: str, num_clients: int, seed: int, alpha: float,
+                     classes_per_client: int, shards_per_client: int) -> Path:
+    """Where `partition_labels` caches this split: a name hashed from the split code's version, the library
+    versions, `source` (what the labels are of), a hash of the labels and every setting."""
     key = (partition_code_key(), source, hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64)).hexdigest(),
            kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
-    path = partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
-    if path.exists():
-        with np.load(path) as stored:
-            return tuple(stored[str(i)] for i in range(num_clients))
-    from datasets import Dataset as HFDataset
-    from datasets.utils.logging import disable_progress_bar
+    return partition_cache_dir() / (hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npz")
 
-    disable_progress_bar()
-    partitioner = make_partitioner(kind, num_clients, seed, alpha, classes_per_client, shards_per_client,
-                                   num_examples=len(labels))
-    partitioner.dataset = HFDataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
-    parts = tuple(np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
-                  for i in range(num_clients))
+
+def partition_labels(labels: np.ndarray, source: str, kind: str, num_clients: int, seed: int, alpha: float,
+                     classes_per_client: int, shards_per_client: int) -> tuple[np.ndarray, ...]:
+    """Sorted int64 indices into `labels` of every client (read-only views into one array), drawn by the
+    flwr-datasets partitioner `kind` and cached on disk at `split_cache_path`: a cache written by other code or for
+    other labels is never read, and a damaged one is drawn again and rewritten."""
+    path = split_cache_path(labels, source, kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
+    if path.exists():
+        try:
+            return read_split_cache(path, num_clients).parts()
+        except SplitCacheDamaged as err:
+            log.warning("%s; drawing the split again", err)
+    table = _draw_partitions(labels, kind, num_clients, seed, alpha, classes_per_client, shards_per_client)
     try:  # a cache that cannot be written is no error: the partition is deterministic anyway
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, **{str(i): part for i, part in enumerate(parts)})
-        temporary.replace(path)
+        write_split_cache(path, table)
     except OSError as err:
         log.debug("partition cache not written: %s", err)
-    return parts
+    return table.parts()
 
 
 def client_split(cfg: dict, partition_id: int) -> tuple[np.ndarray, np.ndarray]:

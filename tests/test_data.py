@@ -89,7 +89,8 @@ def test_a_cache_left_by_other_code_is_never_read(tmp_path, monkeypatch):
     data.partition_indices.cache_clear()
     truth = [data.client_split(cfg, i)[0] for i in range(6)]
     (left_behind,) = tmp_path.rglob("*.npz")
-    np.savez(left_behind, **{str(i): np.arange(3) for i in range(6)})  # what other code might have cached
+    data.write_split_cache(left_behind, data.PartitionTable.from_parts([np.arange(3)] * 6))  # what other code
+    # might have cached, in this code's format
     data.partition_indices.cache_clear()
     assert data.client_split(cfg, 0)[0].size == 3  # the same code reads its own cache...
     for change in ("SPLIT_VERSION", "library"):  # ...code that splits differently never does
