@@ -8,8 +8,9 @@ What is measured, per (clients, partitioner): one `fedsparse run` subprocess (Fe
 10 clients per round, 2 Ray CPUs, its own empty partition cache, so the split is drawn as on a fresh machine):
 - `startup_s`: from starting the process to the start of round 1 (the time of round 1's progress line minus its
   round seconds and minus one central evaluation, estimated as round 2's line gap less round 2's seconds);
-- `partition_s`: drawing the split alone (flwr-datasets, timed in this process); `startup_excl_partition_s` is
-  the difference;
+- `partition_s`: drawing the split alone (`fedsparse.data.partition_labels` into an empty cache, timed in this
+  process with datasets and flwr-datasets already imported: importing them is paid once, at any client count, and
+  stays in `startup_s`); `startup_excl_partition_s` is the difference;
 - `round_s`: each round's seconds as the runner records them (configure, train, aggregate; evaluation excluded);
   round 1 also holds the Ray actors' first messages (importing torch, loading the data, reading the split) and,
   with discovery on demand, the query.info of its nodes, so rounds 2-3 are the steady round time;
@@ -17,7 +18,9 @@ What is measured, per (clients, partitioner): one `fedsparse run` subprocess (Fe
 - `peak_pss_mb` / `peak_rss_mb`: the largest sum over the whole process tree (driver, Ray's raylet, GCS and
   workers) of the proportional / resident set sizes, sampled every 0.5 s with psutil (PSS is the real footprint;
   the RSS sum counts shared pages, such as Ray's object store, once per process mapping them);
-- a run that fails (a split that cannot be drawn, a refused setting) is kept with its error message.
+- a run that fails (a split that cannot be drawn, a refused setting) is kept with its error message;
+- `commit` and `measured_at`: the checkout's commit (`+dirty` with uncommitted changes) and the UTC time of the run
+  (empty in runs recorded before these fields existed).
 Then the model: in-process runs (server and 10 clients in one process, `server.local_grid.LocalGrid`, 1 round)
 of the mlp at growing widths give peak RSS against parameter count; a least-squares line extrapolates the largest
 model this machine's memory would hold (labelled as an extrapolation).
@@ -67,6 +70,8 @@ class ScaleRun:
     bytes_oneoff: int | None = None
     info_queries: int | None = None  # query.info replies: bytes_oneoff / the bytes of one reply (FedAvg sends no
     # other one-off message; a query.info instruction carries no content)
+    commit: str = ""
+    measured_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ def tree_memory(root) -> tuple[int, int]:
 
 def partition_seconds(clients: int, partitioner: str, seed: int) -> tuple[float, str]:
     """(seconds, error) of drawing the Fashion-MNIST split in this process, with an empty cache."""
+    import datasets  # noqa: F401  imported before the clock starts (see the module docstring)
+    import flwr_datasets.partitioner  # noqa: F401
+
     from fedsparse.data import load_dataset, partition_labels
 
     labels = load_dataset("fashion-mnist", "").y_train
@@ -121,7 +129,8 @@ def run_scale(clients: int, partitioner: str, discovery: str, work: Path, timeou
     """One `fedsparse run` subprocess, timed from the line log and sampled for memory (module docstring)."""
     import psutil
 
-    result = ScaleRun(clients, partitioner, discovery)
+    result = ScaleRun(clients, partitioner, discovery, commit=checkout_commit(),
+                      measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     out = work / f"{partitioner}-{clients}-{discovery}"
     settings = [f"num-clients={clients}", f"fraction-train={PER_ROUND / clients!r}", f"num-rounds={ROUNDS}",
                 "strategy=fedavg", "dataset=fashion-mnist", "model=cnn", f"partitioner={partitioner}",
@@ -174,6 +183,18 @@ def run_scale(clients: int, partitioner: str, discovery: str, work: Path, timeou
         result.bytes_oneoff = int(json.loads(summary.read_text()).get("bytes_oneoff", 0))
         result.info_queries = round(result.bytes_oneoff / info_reply_bytes())
     return result
+
+
+def checkout_commit() -> str:
+    """The short commit of the checkout, `+dirty` when tracked files differ from it; "" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
 
 
 def info_reply_bytes() -> int:
@@ -238,7 +259,7 @@ def table(runs: list[ScaleRun]) -> str:
     """The markdown table of the runs."""
     head = ("| clients | partitioner | discovery | status | start-up s | of which split s | start-up excl. split s "
             "| to end of round 1 s | round s (1, 2, 3) | query.info sent | peak PSS MB | peak RSS MB "
-            "| wall s |\n|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+            "| wall s | commit, measured |\n|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|")
     rows = [head]
     for r in runs:
         rounds = ", ".join(f"{s:.1f}" for s in r.round_s) or "-"
@@ -246,7 +267,7 @@ def table(runs: list[ScaleRun]) -> str:
         rows.append(f"| {r.clients:,} | {r.partitioner} | {r.discovery} | {status} | {fmt(r.startup_s)} | "
                     f"{fmt(r.partition_s)} | {fmt(r.startup_excl_partition_s)} | {fmt(r.first_round_done_s)} | {rounds} | {fmt(r.info_queries, '{:,}')} | "
                     f"{r.peak_pss_mb:.0f} | {r.peak_rss_mb:.0f} | "
-                    f"{r.wall_s:.0f} |")
+                    f"{r.wall_s:.0f} | {r.commit or '-'} {r.measured_at} |")
     return "\n".join(rows)
 
 
