@@ -384,13 +384,16 @@ def read_split_cache(path: Path, num_clients: int) -> PartitionTable:
     """The table stored at `path` by `write_split_cache`; `SplitCacheDamaged` if the file is not one (an unreadable
     file, other members, another number of clients, offsets that do not fit)."""
     try:
-        with np.load(path, allow_pickle=False) as stored:
+        stored = np.load(path, allow_pickle=False)
+        if not isinstance(stored, np.lib.npyio.NpzFile):
+            raise SplitCacheDamaged(path, "a single array, not an npz archive")
+        with stored:
             if sorted(stored.files) != ["indices", "offsets"]:
                 raise SplitCacheDamaged(path, f"members {sorted(stored.files)[:4]}, not ['indices', 'offsets']")
             indices, offsets = stored["indices"], stored["offsets"]
+    except SplitCacheDamaged:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        if isinstance(err, SplitCacheDamaged):
-            raise
         raise SplitCacheDamaged(path, f"unreadable: {err}") from err
     if len(offsets) != num_clients + 1:
         raise SplitCacheDamaged(path, f"{len(offsets) - 1} clients, expected {num_clients}")

@@ -143,7 +143,8 @@ def test_the_cache_is_one_array_and_offsets_read_back_as_read_only_views(monkeyp
         again[2][0] = 0
 
 
-@pytest.mark.parametrize("damage", ["old-format", "offsets-past-the-end", "other-client-count", "not-a-zip"])
+@pytest.mark.parametrize("damage", ["old-format", "offsets-past-the-end", "other-client-count", "not-a-zip",
+                                    "one-npy-array", "truncated"])
 def test_a_cache_in_another_format_is_drawn_again(damage, caplog):
     labels = data.load_dataset("digits").y_train
     truth = data.partition_labels(labels, "digits", "iid", 5, 0, 0.3, 2, 2)
@@ -154,6 +155,11 @@ def test_a_cache_in_another_format_is_drawn_again(damage, caplog):
         np.savez(path, indices=np.arange(10), offsets=np.array([0, 2, 4, 6, 8, 11]))
     elif damage == "other-client-count":
         np.savez(path, indices=np.arange(10), offsets=np.array([0, 5, 10]))
+    elif damage == "one-npy-array":
+        with path.open("wb") as handle:
+            np.save(handle, np.arange(10))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
     else:
         path.write_bytes(b"not a zip")
     with caplog.at_level(logging.WARNING, logger="fedsparse.data"):
