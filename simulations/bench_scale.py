@@ -265,32 +265,33 @@ def table(runs: list[ScaleRun]) -> str:
         rounds = ", ".join(f"{s:.1f}" for s in r.round_s) or "-"
         status = r.status if r.status == "ok" else f"{r.status}: {r.error[:160]}"
         rows.append(f"| {r.clients:,} | {r.partitioner} | {r.discovery} | {status} | {fmt(r.startup_s)} | "
-                    f"{fmt(r.partition_s)} | {fmt(r.startup_excl_partition_s)} | {fmt(r.first_round_done_s)} | {rounds} | {fmt(r.info_queries, '{:,}')} | "
+                    f"{fmt(r.partition_s, '{:.2f}')} | {fmt(r.startup_excl_partition_s)} | {fmt(r.first_round_done_s)} | {rounds} | {fmt(r.info_queries, '{:,}')} | "
                     f"{r.peak_pss_mb:.0f} | {r.peak_rss_mb:.0f} | "
                     f"{r.wall_s:.0f} | {r.commit or '-'} {r.measured_at} |")
     return "\n".join(rows)
 
 
 def plot(runs: list[ScaleRun], path: Path) -> None:
-    """Start-up and mean round time against the number of clients (log x), and peak RSS."""
+    """Start-up and mean round time against the number of clients (log x), and peak PSS; runs of earlier code
+    (no commit recorded) are hollow markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for partitioner in sorted({r.partitioner for r in runs}):
-        for discovery in sorted({r.discovery for r in runs}):
-            mine = [r for r in runs if r.partitioner == partitioner and r.discovery == discovery and r.status == "ok"]
-            if not mine:
-                continue
-            label = f"{partitioner}, {discovery}"
-            xs = [r.clients for r in mine]  # repeated runs at one count are separate points
-            left.plot(xs, [r.startup_s for r in mine], "o", label=f"start-up ({label})")
-            left.plot(xs, [r.first_round_done_s for r in mine], "^", label=f"end of round 1 ({label})")
-            left.plot(xs, [sum(r.round_s[1:]) / max(1, len(r.round_s) - 1) for r in mine], "s",
-                      label=f"rounds 2-3, mean ({label})")
-            right.plot(xs, [r.peak_pss_mb / 1024 for r in mine], "o", label=label)
+    groups = sorted({(r.partitioner, r.discovery, bool(r.commit)) for r in runs if r.status == "ok"})
+    for partitioner, discovery, recorded in groups:  # runs without a recorded commit came from earlier code
+        mine = [r for r in runs if (r.partitioner, r.discovery, bool(r.commit)) == (partitioner, discovery, recorded)
+                and r.status == "ok"]
+        label = f"{partitioner}, {discovery}" + ("" if recorded else ", earlier code")
+        fill = "full" if recorded else "none"
+        xs = [r.clients for r in mine]  # repeated runs at one count are separate points
+        left.plot(xs, [r.startup_s for r in mine], "o", fillstyle=fill, label=f"start-up ({label})")
+        left.plot(xs, [r.first_round_done_s for r in mine], "^", fillstyle=fill, label=f"end of round 1 ({label})")
+        left.plot(xs, [sum(r.round_s[1:]) / max(1, len(r.round_s) - 1) for r in mine], "s", fillstyle=fill,
+                  label=f"rounds 2-3, mean ({label})")
+        right.plot(xs, [r.peak_pss_mb / 1024 for r in mine], "o", fillstyle=fill, label=label)
     for axis, ylabel in ((left, "seconds"), (right, "peak PSS of the process tree (GiB)")):
         axis.set_xscale("log")
         axis.set_ylim(bottom=0)
@@ -334,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plan = [parse_run(text) for text in args.runs]
     runs: list[ScaleRun] = []
+    kept_model: dict = {}  # with --append --skip-model, the model memory already recorded stays
     if args.append and (args.out / "scale.json").exists():
-        runs = [ScaleRun(**r) for r in json.loads((args.out / "scale.json").read_text())["runs"]]
+        previous = json.loads((args.out / "scale.json").read_text())
+        runs = [ScaleRun(**r) for r in previous["runs"]]
+        kept_model = previous.get("model_memory", {}) if args.skip_model else {}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
         for clients, partitioner, discovery in plan:
@@ -350,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(run.startup_s)} s rounds {run.round_s} peak PSS {run.peak_pss_mb:.0f} MB {run.error[:300]}",
                   flush=True)
             write_runs(runs, args.out)
-        model: dict = {}
+        model: dict = kept_model
         if not args.skip_model:
             points = []
             for width in args.widths:
