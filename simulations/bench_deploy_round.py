@@ -41,11 +41,11 @@ IMPORT_STEPS = {
     "interpreter start": "pass",
     "import flwr ClientApp API": "import flwr.app, flwr.clientapp",
     "import torch": "import torch",
-    "import torch._dynamo": "import torch, torch._dynamo",  # what torch.optim's first step() imports
+    "import torch._dynamo": "import torch, torch._dynamo",  # what torch.optim imports (not fedsparse.optim.sgd.SGD)
     "import our ClientApp": "import client.client_app",
 }
 # One train message's own work after the imports, in a fresh interpreter: the model, the client's partition and
-# one local epoch (its first optimiser step is where torch.optim imports torch._dynamo).
+# one local epoch (a torch.optim optimiser would import torch._dynamo there; fedsparse.optim.sgd.SGD does not).
 MESSAGE_SCRIPT = """
 import json, sys, time
 import torch
@@ -81,7 +81,7 @@ class Pieces:
     interpreter: float
     flwr: float  # importing flwr.app + flwr.clientapp, beyond the interpreter start
     torch: float  # importing torch, beyond the interpreter start
-    dynamo: float  # importing torch._dynamo beyond torch: every torch.optim step() imports it
+    dynamo: float  # importing torch._dynamo beyond torch: every torch.optim step() imports it, fedsparse.optim.sgd.SGD does not
     our_app: float  # importing client.client_app, beyond the interpreter start (includes flwr and torch)
     config_cold: float  # resolving the run config, the node's first message
     config_warm: float  # the same in a later message
