@@ -6,6 +6,12 @@ accuracy against sparsity and against total MB, with 95% error bars) into the ou
     python simulations/sweep_sparsity.py --in-process --preset sweep-fmnist-long --out results/sweep_long \\
         --seeds 1 2 3 4 5 --cells fedavg ssfl:0.9 magnitude:0.9 random:0.9 ssfl:0.9:int8
 
+An ablation is a sweep with `--set` overrides into its own folder; `--baseline OTHER` adds the paired differences
+of each of its cells against the same cell and dense fedavg in OTHER (same seeds):
+
+    python simulations/sweep_sparsity.py --in-process --preset sweep-fmnist-long --out results/ablation/lr-0.1 \\
+        --rounds 50 --seeds 1 2 3 --cells fedavg ssfl:0.9 --set lr=0.1 --baseline results/sweep_long
+
 A cell is `strategy[:sparsity[:value-dtype]]` (fedavg has no sparsity; the dtype defaults to float32). Without
 `--cells` every cell of the grid runs. By default each run is a `fedsparse run` in its own process (Flower's Ray
 simulation); `--in-process` runs the real runner (`server.loop.run_federation`) with the real ClientApp in this
@@ -222,23 +228,46 @@ def comparisons(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     return pairs
 
 
+def paired_row(label: str, mine: dict[int, float], theirs: dict[int, float]) -> str | None:
+    """One markdown row: the final-accuracy differences (points) `mine - theirs` over the seeds both have (each a
+    {seed: final accuracy} map), mean and 95% t-interval; None when they share no seed."""
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    diffs = [100 * (mine[s] - theirs[s]) for s in seeds]
+    got = t_interval(diffs)
+    return (f"| {label} | {got.mean:+.2f} ± {got.half_width:.2f} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+            f"{len(seeds)} ({','.join(map(str, seeds))}) |")
+
+
+PAIRED_HEADER = ["| difference (same seeds) | final acc, points (mean ± 95% CI) | per seed | seeds |", "|---|---:|---|---|"]
+
+
 def paired_table(results: list[RunResult]) -> str:
     """Markdown: final-accuracy differences (points) between two cells run with the same seeds (same data split,
     client sampling and initialisation), mean and 95% t-interval over the seeds both have."""
     groups = by_cell(results)
-    lines = ["| difference (same seeds) | final acc, points (mean ± 95% CI) | per seed | seeds |",
-             "|---|---:|---|---|"]
-    for cell, reference in comparisons(list(groups)):
-        mine = {r.seed: r.final_accuracy for r in groups[cell]}
-        theirs = {r.seed: r.final_accuracy for r in groups[reference]}
-        seeds = sorted(set(mine) & set(theirs))
-        if not seeds:
-            continue
-        diffs = [100 * (mine[s] - theirs[s]) for s in seeds]
-        got = t_interval(diffs)
-        lines.append(f"| {cell.label} − {reference.label} | {got.mean:+.2f} ± {got.half_width:.2f} | "
-                     f"{', '.join(f'{d:+.2f}' for d in diffs)} | {len(seeds)} ({','.join(map(str, seeds))}) |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    rows = [paired_row(f"{cell.label} − {reference.label}", {r.seed: r.final_accuracy for r in groups[cell]},
+                       {r.seed: r.final_accuracy for r in groups[reference]})
+            for cell, reference in comparisons(list(groups))]
+    rows = [row for row in rows if row]
+    return "\n".join(PAIRED_HEADER + rows) if rows else ""
+
+
+def baseline_table(results: list[RunResult], baseline: list[RunResult], name: str, baseline_name: str) -> str:
+    """Markdown: every cell of this sweep against the same cell, and against dense fedavg, of a `baseline` sweep
+    (another output folder, e.g. the same cells without this sweep's `--set`), paired by seed as in
+    `paired_table`; `name` and `baseline_name` label the two sweeps' cells ("ssfl 0.9 [lr-0.1] − ...")."""
+    mine, theirs = by_cell(results), by_cell(baseline)
+    rows = []
+    for cell, runs in mine.items():
+        finals = {r.seed: r.final_accuracy for r in runs}
+        for reference in (cell, Cell("fedavg")):
+            if reference in theirs and not (reference == Cell("fedavg") and cell == reference):
+                rows.append(paired_row(f"{cell.label} [{name}] − {reference.label} [{baseline_name}]", finals,
+                                       {r.seed: r.final_accuracy for r in theirs[reference]}))
+    rows = [row for row in rows if row]
+    return "\n".join(PAIRED_HEADER + rows) if rows else ""
 
 
 SERIES_COLORS = {("fedavg", DEFAULT_DTYPE): "black", ("ssfl", DEFAULT_DTYPE): "tab:blue",
@@ -355,9 +384,10 @@ def density_table(out: Path, results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
-    """sweep.csv, sweep.md (the accuracy table, then the masks' kept fraction per layer) and sweep.png in `out`;
-    returns the markdown."""
+def write_outputs(out: Path, results: list[RunResult], title: str, baseline: list[RunResult] | None = None,
+                  baseline_name: str = "baseline") -> str:
+    """sweep.csv, sweep.md (the accuracy table, the paired differences, those against `baseline` when given, then
+    the masks' kept fraction per layer) and sweep.png in `out`; returns the markdown."""
     with (out / "sweep.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(asdict(results[0])))
         writer.writeheader()
@@ -366,12 +396,22 @@ def write_outputs(out: Path, results: list[RunResult], title: str) -> str:
     paired = paired_table(results)
     if paired:
         md += "\n\nPaired differences of final accuracy:\n\n" + paired
+    against = baseline_table(results, baseline, out.name, baseline_name) if baseline else ""
+    if against:
+        md += f"\n\nAgainst the baseline ({baseline_name}), paired by seed:\n\n" + against
     densities = density_table(out, results)
     if densities:
         md += "\n\nKept fraction of each masked tensor (mean over seeds):\n\n" + densities
     (out / "sweep.md").write_text(md + "\n")
     plot(results, out / "sweep.png", title, out)
     return md
+
+
+def read_baseline(folder: Path, cells: list[Cell], seeds: list[int], rounds: int) -> list[RunResult]:
+    """The finished runs in `folder` of `cells` and of dense fedavg, for `seeds`, taken at round `rounds`."""
+    wanted = list(dict.fromkeys([*cells, Cell("fedavg")]))
+    return [read_result(folder / cell.folder(seed), cell, seed, rounds) for seed in seeds for cell in wanted
+            if is_finished(folder / cell.folder(seed), rounds)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -387,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="run nothing; tables from the folders present")
     parser.add_argument("--title", default="Fashion-MNIST, cnn, Dirichlet 0.3, 20 clients (10 per round)")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another sweep's output folder: pair every cell with its same cell and fedavg there")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     if not results:
         print("no finished runs", flush=True)
         return
-    md = write_outputs(out, results, args.title)
+    baseline = read_baseline(args.baseline.resolve(), cells, args.seeds, args.rounds) if args.baseline else None
+    md = write_outputs(out, results, args.title, baseline, args.baseline.name if args.baseline else "baseline")
     print(md)
     print(f"\nwritten: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}", flush=True)
 

@@ -110,3 +110,23 @@ def test_paired_differences_use_the_seeds_both_cells_have():
     assert "| +0.00 ± 6.35 | -0.50, +0.50 | 2 (1,2) |" in by_name["ssfl 0.9 int8 − ssfl 0.9"]
     # ssfl - magnitude on seeds 2, 3: +3, -2
     assert "| +0.50 ± " in by_name["ssfl 0.9 − magnitude 0.9"] and "2 (2,3)" in by_name["ssfl 0.9 − magnitude 0.9"]
+
+
+def test_a_sweep_pairs_each_cell_with_the_same_cell_and_fedavg_of_a_baseline_sweep():
+    module = sweep()
+
+    def result(strategy: str, sparsity: float, seed: int, accuracy: float):
+        return module.RunResult(strategy=strategy, sparsity=sparsity, value_dtype="float32", seed=seed, rounds=50,
+                                final_accuracy=accuracy, best_accuracy=accuracy, mb_per_round=1.0, total_mb=50.0,
+                                bytes_ratio_vs_dense=1.0, seconds=1.0)
+
+    variant = [result("ssfl", 0.9, 1, 0.74), result("ssfl", 0.9, 2, 0.70), result("ssfl", 0.9, 4, 0.60)]
+    baseline = [result("ssfl", 0.9, 1, 0.76), result("ssfl", 0.9, 2, 0.71), result("ssfl", 0.9, 3, 0.70),
+                result("fedavg", 0.0, 1, 0.79), result("fedavg", 0.0, 2, 0.74), result("magnitude", 0.9, 1, 0.5)]
+    lines = module.baseline_table(variant, baseline, "layerwise", "sweep_long").splitlines()
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert set(by_name) == {"ssfl 0.9 [layerwise] − ssfl 0.9 [sweep_long]", "ssfl 0.9 [layerwise] − fedavg [sweep_long]"}
+    # seeds 1 and 2 only (seed 4 has no baseline run): -2 and -1 points, mean -1.5, sd 0.707, t(0.975, 1) = 12.71
+    assert by_name["ssfl 0.9 [layerwise] − ssfl 0.9 [sweep_long]"].endswith("| -1.50 ± 6.35 | -2.00, -1.00 | 2 (1,2) |")
+    assert "| -4.50 ± 6.35 | -5.00, -4.00 | 2 (1,2) |" in by_name["ssfl 0.9 [layerwise] − fedavg [sweep_long]"]
+    assert module.baseline_table(variant, [result("fedavg", 0.0, 9, 0.8)], "a", "b") == ""
