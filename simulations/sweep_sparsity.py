@@ -262,8 +262,8 @@ def baseline_table(results: list[RunResult], baseline: list[RunResult], name: st
     rows = []
     for cell, runs in mine.items():
         finals = {r.seed: r.final_accuracy for r in runs}
-        for reference in (cell, Cell("fedavg")):
-            if reference in theirs and not (reference == Cell("fedavg") and cell == reference):
+        for reference in dict.fromkeys((cell, Cell("fedavg"))):  # fedavg against fedavg once
+            if reference in theirs:
                 rows.append(paired_row(f"{cell.label} [{name}] − {reference.label} [{baseline_name}]", finals,
                                        {r.seed: r.final_accuracy for r in theirs[reference]}))
     rows = [row for row in rows if row]

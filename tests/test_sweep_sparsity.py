@@ -130,3 +130,5 @@ def test_a_sweep_pairs_each_cell_with_the_same_cell_and_fedavg_of_a_baseline_swe
     assert by_name["ssfl 0.9 [layerwise] − ssfl 0.9 [sweep_long]"].endswith("| -1.50 ± 6.35 | -2.00, -1.00 | 2 (1,2) |")
     assert "| -4.50 ± 6.35 | -5.00, -4.00 | 2 (1,2) |" in by_name["ssfl 0.9 [layerwise] − fedavg [sweep_long]"]
     assert module.baseline_table(variant, [result("fedavg", 0.0, 9, 0.8)], "a", "b") == ""
+    dense = module.baseline_table([result("fedavg", 0.0, 1, 0.81)], baseline, "lr-0.1", "sweep_long").splitlines()
+    assert dense[2:] == ["| fedavg [lr-0.1] − fedavg [sweep_long] | +2.00 ± 0.00 | +2.00 | 1 (1) |"]
