@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from flwr.app import Context, Message
@@ -37,12 +38,21 @@ def node_mod(msg: Message, context: Context, call_next: Callable[[Message, Conte
 app = build_app([node_mod])
 
 
-def read_node_log(out: Path) -> list[tuple[str, int, int, str]]:
-    """(node id, pid, partition id, message type) per message a client handled."""
+class HandledMessage(NamedTuple):
+    """One line of the node log: who handled which message."""
+
+    node: str
+    pid: int
+    partition: int
+    message_type: str
+
+
+def read_node_log(out: Path) -> list[HandledMessage]:
+    """One entry per message a client handled, in the order they were logged."""
     rows = []
     for line in (out / NODE_LOG).read_text().splitlines():
         node, pid, partition, message_type = line.split()
-        rows.append((node, int(pid), int(partition), message_type))
+        rows.append(HandledMessage(node, int(pid), int(partition), message_type))
     return rows
 
 
@@ -64,7 +74,7 @@ def test_a_run_attached_to_a_two_node_cluster_runs_clients_on_both_nodes(tmp_pat
         cluster.shutdown()
     rows = read_node_log(out)
     # one actor per node (1 CPU each, client-num-cpus=1), and each handled training messages
-    assert {node for node, _, _, _ in rows} == node_ids
-    assert len({pid for _, pid, _, _ in rows}) == 2
-    assert {node for node, _, _, message_type in rows if message_type == "train"} == node_ids
+    assert {row.node for row in rows} == node_ids
+    assert len({row.pid for row in rows}) == 2
+    assert {row.node for row in rows if row.message_type == "train"} == node_ids
     assert summary(out)["final_accuracy"] >= 0.0
